@@ -1,0 +1,138 @@
+"""Variant configuration: preset -> override files -> ``key=value`` dot-overrides.
+
+A component entry is ``{name: NAME, params: {...}}``; the shorthand ``retriever=hnswlib``
+(or ``retriever: hnswlib`` in YAML) means ``{name: hnswlib}``. When a later layer changes a
+component's name, parameters given for the previous component are dropped. The resolved
+configuration has every component's parameters filled in from the registry and is what
+gets saved beside every artefact (``config.yaml``).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from omegaconf import OmegaConf
+
+from .interfaces import KINDS
+from .registry import Registry, ReaudioError, UnknownName, closest, get_registry
+
+CONFIG_FILE = "config.yaml"
+
+
+def _normalise_component(value):
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        return {"name": value}
+    raise ReaudioError(f"component entry must be a name or {{name, params}}, got {value!r}")
+
+
+def _merge(base: dict, layer: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in layer.items():
+        if key in KINDS:
+            value = _normalise_component(value)
+            old = out.get(key)
+            if value is None or old is None or value.get("name", old.get("name")) != old.get("name"):
+                out[key] = copy.deepcopy(value)
+            else:
+                merged = dict(old)
+                merged["params"] = {**(old.get("params") or {}), **(value.get("params") or {})}
+                out[key] = merged
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _load_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ReaudioError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ReaudioError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ReaudioError(f"{path}: top level must be a mapping")
+    return data
+
+
+def parse_dotlist(overrides: Iterable[str]) -> dict:
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item:
+            raise ReaudioError(f"override '{item}' is not of the form key=value")
+    return OmegaConf.to_container(OmegaConf.from_dotlist(overrides), resolve=True) if overrides else {}
+
+
+def compose(preset: str | None = None, files: Iterable[str | Path] = (), overrides: Iterable[str] = (),
+            registry: Registry | None = None, base: dict | None = None) -> dict:
+    """Compose and validate a configuration; returns a plain resolved ``dict``."""
+    reg = registry or get_registry()
+    cfg = _merge({}, reg.defaults)
+    if base is not None:
+        cfg = _merge(cfg, base)
+    layers: list[dict] = []
+    file_layers = [_load_file(f) for f in files]
+    dot = parse_dotlist(overrides)
+    # a preset may be named by the files or the dotlist too
+    for layer in [*file_layers, dot]:
+        preset = layer.pop("preset", preset) if isinstance(layer, dict) else preset
+    if preset:
+        layers.append(copy.deepcopy(reg.preset(preset)))
+        layers[-1].pop("description", None)
+    layers += file_layers + [dot]
+    for layer in layers:
+        cfg = _merge(cfg, layer)
+    cfg["preset"] = preset
+    return validate(cfg, reg)
+
+
+def validate(cfg: dict, registry: Registry | None = None) -> dict:
+    """Check component names and parameters; fill in defaults. Unknown top-level keys are errors."""
+    reg = registry or get_registry()
+    known_sections = set(KINDS) | set(reg.defaults) | {"preset"}
+    for key in cfg:
+        if key not in known_sections:
+            raise UnknownName(f"Unknown configuration key '{key}'. {closest(key, known_sections)}")
+    for section, defaults in reg.defaults.items():
+        if isinstance(defaults, dict) and isinstance(cfg.get(section), dict) and section not in KINDS:
+            for key in cfg[section]:
+                if key not in defaults:
+                    raise UnknownName(f"Unknown key '{section}.{key}'. {closest(key, defaults)}")
+    out = dict(cfg)
+    for kind in KINDS:
+        entry = _normalise_component(cfg.get(kind))
+        if entry is None:
+            out[kind] = None
+            continue
+        extra = set(entry) - {"name", "params"}
+        if extra:
+            raise UnknownName(f"{kind}: unknown key(s) {sorted(extra)}; a component entry has 'name' and 'params'")
+        if "name" not in entry:
+            raise ReaudioError(f"{kind}: missing 'name'. Known: {', '.join(reg.names(kind))}")
+        out[kind] = {"name": entry["name"], "params": reg.resolve_params(kind, entry["name"], entry.get("params"))}
+    return out
+
+
+def save_config(cfg: dict, directory: str | Path) -> Path:
+    path = Path(directory) / CONFIG_FILE
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def load_config(directory: str | Path) -> dict:
+    return _load_file(Path(directory) / CONFIG_FILE)
+
+
+def build(cfg: dict, kind: str, registry: Registry | None = None, **extra: Any):
+    """Construct the component of ``kind`` described by a resolved config (or None)."""
+    entry = cfg.get(kind)
+    if entry is None:
+        return None
+    reg = registry or get_registry()
+    return reg.create(kind, entry["name"], **{**entry["params"], **extra})

@@ -1,0 +1,195 @@
+"""The six component contracts of reaudio.
+
+Every component is a plain Python class registered under a *kind* and a *name*
+(see :mod:`reaudio_core.registry`). Constructors take keyword arguments only; the
+defaults of built-in components live in ``registry.yaml`` (one source of truth).
+
+Conventions shared by all contracts
+-----------------------------------
+* Tensors are ``torch.float32`` on the component's device unless stated otherwise;
+  masks are ``torch.bool`` with ``True`` = a real (attended) position.
+* Audio is mono ``float32`` in [-1, 1] at :data:`SAMPLE_RATE` (16 kHz) unless the
+  component states otherwise; resampling happens in :mod:`reaudio_core.audio`.
+* Mel spectrograms are natural-log magnitudes, layout ``[B, T, 64]`` (frames x bins),
+  10 ms hop, as produced by :func:`reaudio_core.audio.log_mel` (reference section 1).
+* "Deterministic" means: same inputs, same weights, same torch version, CPU -> bit-identical output.
+* Components with weights implement ``save_pretrained(dir)`` and the classmethod
+  ``from_pretrained(dir, **overrides)``: ``config.json`` (constructor keywords) plus
+  ``model.safetensors``. Loading never executes code.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import numpy as np
+import torch
+
+SAMPLE_RATE = 16_000
+
+KINDS = ("retriever", "text_encoder", "audio_encoder", "denoiser", "decoder", "vocoder")
+
+
+class Retriever(ABC):
+    """Nearest-neighbour index over L2-normalised float32 vectors, inner-product metric.
+
+    Ids are the insertion order: the i-th vector ever added has id i.
+    """
+
+    kind: ClassVar[str] = "retriever"
+    metric: ClassVar[str] = "ip"  # inner product == cosine on normalised vectors
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """Vector dimension; fixed by the first :meth:`add` (or the constructor's ``dim``)."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of vectors stored."""
+
+    @abstractmethod
+    def add(self, vectors: np.ndarray) -> None:
+        """Append ``vectors`` ``[N, dim]`` float32 (C-contiguous, normalised by the caller)."""
+
+    @abstractmethod
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` for each of ``queries`` ``[Q, dim]``.
+
+        Returns ``(scores [Q, k] float32, ids [Q, k] int64)``, best first. When fewer than
+        ``k`` items exist the tail is padded with score ``-inf`` and id ``-1``.
+        Exact retrievers are deterministic (ties broken by lower id).
+        """
+
+    @abstractmethod
+    def save(self, directory: str | Path) -> None:
+        """Write the whole index into ``directory`` (created if needed)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, directory: str | Path, **params) -> "Retriever":
+        """Rebuild an index written by :meth:`save`. ``params`` may change search-time knobs."""
+
+    def nbytes(self) -> int:
+        """Approximate memory held by the index, in bytes (for benchmarks)."""
+        return len(self) * self.dim * 4
+
+
+class TextEncoder(ABC):
+    """Text -> a pooled sentence embedding and per-token states."""
+
+    kind: ClassVar[str] = "text_encoder"
+
+    dim: int  #: pooled embedding width
+    token_dim: int  #: per-token state width
+
+    @abstractmethod
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """``[B, dim]`` float32, each row L2-normalised. Deterministic."""
+
+    @abstractmethod
+    def encode_tokens(self, texts: Sequence[str], max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(states [B, L, token_dim] float32, mask [B, L] bool)``.
+
+        With ``max_tokens`` every row is padded/truncated to exactly that length (padding
+        states are zeros, mask False); otherwise ``L`` is the longest text in the batch.
+        """
+
+
+class AudioEncoder(ABC):
+    """Waveforms -> a pooled clip embedding and a token sequence."""
+
+    kind: ClassVar[str] = "audio_encoder"
+
+    dim: int  #: pooled embedding width
+    token_dim: int  #: per-token width
+    num_tokens: int  #: tokens per clip returned by :meth:`encode_tokens`
+
+    @abstractmethod
+    def embed(self, waveforms: Sequence[np.ndarray]) -> torch.Tensor:
+        """``waveforms``: 1-D float32 arrays at 16 kHz, any length > 0. ``[B, dim]``, L2-normalised."""
+
+    @abstractmethod
+    def encode_tokens(self, waveforms: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens [B, num_tokens, token_dim] float32, mask [B, num_tokens] bool)``."""
+
+
+@dataclass
+class Conditioning:
+    """Everything a :class:`Denoiser` is conditioned on, for a batch of B.
+
+    ``prompt``: ``[B, d_prompt]`` pooled prompt embedding (the "FiLM" class condition).
+    ``captions`` / ``caption_mask``: ``[B, Lt, d_text]`` / ``[B, Lt]`` retrieved-caption states.
+    ``audio`` / ``audio_mask``: ``[B, La, d_audio]`` / ``[B, La]`` retrieved-audio tokens.
+    Streams a model was not built with are ``None``.
+    """
+
+    prompt: torch.Tensor
+    captions: torch.Tensor | None = None
+    caption_mask: torch.Tensor | None = None
+    audio: torch.Tensor | None = None
+    audio_mask: torch.Tensor | None = None
+
+    def cat(self, other: "Conditioning") -> "Conditioning":
+        """Batch-concatenate two conditionings (for batched classifier-free guidance)."""
+        def c(a, b):
+            return None if a is None else torch.cat([a, b], 0)
+        return Conditioning(*(c(getattr(self, f), getattr(other, f)) for f in
+                              ("prompt", "captions", "caption_mask", "audio", "audio_mask")))
+
+
+class Denoiser(ABC):
+    """Noise predictor in the decoder's latent space (epsilon parameterisation)."""
+
+    kind: ClassVar[str] = "denoiser"
+
+    in_channels: int  #: latent channels
+    downsample: int  #: total downsampling; latent length and width must be multiples of it
+
+    @abstractmethod
+    def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """``latents [B, C, T, F]``, ``timesteps [B]`` int64 in [0, 1000) -> epsilon ``[B, C, T, F]``."""
+
+
+class Decoder(ABC):
+    """Mel <-> latent autoencoder (the VAE). Latents returned by :meth:`encode` are already
+    multiplied by ``scale_factor``; :meth:`decode` divides by it."""
+
+    kind: ClassVar[str] = "decoder"
+
+    latent_channels: int
+    compression: int  #: downsampling factor in time and frequency (4 for the reference VAE)
+    scale_factor: float
+
+    @abstractmethod
+    def encode(self, mel: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """``mel [B, T, 64]`` log-mel -> scaled latents ``[B, C, T/compression, 64/compression]``."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> ``mel [B, T, 64]`` log-mel."""
+
+
+class Vocoder(ABC):
+    """Log-mel -> waveform."""
+
+    kind: ClassVar[str] = "vocoder"
+
+    sample_rate: int  #: output rate in Hz (16000)
+    hop_length: int  #: samples per mel frame (160)
+
+    @abstractmethod
+    def __call__(self, mel: torch.Tensor) -> torch.Tensor:
+        """``mel [B, T, 64]`` log-mel -> waveform ``[B, T * hop_length]`` float32."""
+
+
+BASES: dict[str, type] = {
+    "retriever": Retriever,
+    "text_encoder": TextEncoder,
+    "audio_encoder": AudioEncoder,
+    "denoiser": Denoiser,
+    "decoder": Decoder,
+    "vocoder": Vocoder,
+}

@@ -1,0 +1,175 @@
+"""The catalogue of named components and presets.
+
+Two sources, merged once per process:
+
+* ``registry.yaml`` (repository root): built-in components (kind, name, providing plugin,
+  default parameters), shared defaults and named presets. The only place built-in
+  defaults are stated.
+* the ``register_components`` hook of every loaded plugin: the classes themselves, and
+  for third-party components not in ``registry.yaml`` their default parameters.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .interfaces import BASES, KINDS
+from .plugins import PluginInfo, load_plugins
+
+REGISTRY_ENV = "REAUDIO_REGISTRY"
+
+
+class ReaudioError(Exception):
+    """An error a user can act on; the CLI prints it without a traceback."""
+
+
+class UnknownName(ReaudioError, KeyError):
+    def __str__(self):  # KeyError would quote the message
+        return self.args[0]
+
+
+def closest(name: str, options) -> str:
+    """Message fragment listing ``options`` with the closest match to ``name`` first."""
+    options = sorted(options)
+    match = difflib.get_close_matches(str(name), options, n=1, cutoff=0.4)
+    hint = f" Did you mean '{match[0]}'?" if match else ""
+    return f"Known: {', '.join(options) or '(none)'}.{hint}"
+
+
+def registry_path() -> Path:
+    env = os.environ.get(REGISTRY_ENV)
+    if env:
+        return Path(env)
+    for candidate in (Path(__file__).resolve().parent.parent / "registry.yaml",
+                      Path(__file__).resolve().parent / "registry.yaml"):
+        if candidate.exists():
+            return candidate
+    raise ReaudioError("registry.yaml not found; set REAUDIO_REGISTRY to its path")
+
+
+@dataclass
+class ComponentSpec:
+    kind: str
+    name: str
+    plugin: str  #: entry-point name of the providing plugin
+    defaults: dict[str, Any] = field(default_factory=dict)
+    cls: type | None = None
+    distribution: str = "?"
+    version: str = "?"
+    error: str | None = None  #: why the component is unavailable, if it is
+
+    def parameters(self) -> list[str]:
+        """Every keyword the constructor accepts."""
+        if self.cls is None:
+            return sorted(self.defaults)
+        sig = inspect.signature(self.cls.__init__)
+        names = {p.name for p in sig.parameters.values()
+                 if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"}
+        return sorted(names | set(self.defaults))
+
+
+class Registry:
+    def __init__(self, catalogue: dict, plugins: list[PluginInfo], registered: list[tuple]):
+        self.plugins = plugins
+        self.defaults: dict = catalogue.get("defaults", {}) or {}
+        self.presets: dict[str, dict] = catalogue.get("presets", {}) or {}
+        self.components: dict[tuple[str, str], ComponentSpec] = {}
+        by_plugin = {p.name: p for p in plugins}
+        for kind, entries in (catalogue.get("components") or {}).items():
+            if kind not in KINDS:
+                raise ReaudioError(f"registry.yaml: unknown kind '{kind}'. {closest(kind, KINDS)}")
+            for name, entry in (entries or {}).items():
+                plugin = entry["plugin"]
+                spec = ComponentSpec(kind, name, plugin, dict(entry.get("params") or {}))
+                info = by_plugin.get(plugin)
+                if info is None:
+                    spec.error = f"plugin '{plugin}' is not installed or not enabled"
+                elif info.error:
+                    spec.error = f"plugin '{plugin}' failed to load: {info.error}"
+                self.components[(kind, name)] = spec
+        for plugin, kind, name, cls, defaults in registered:
+            if kind not in KINDS:
+                raise ReaudioError(f"plugin '{plugin}' registered unknown kind '{kind}'. {closest(kind, KINDS)}")
+            if not issubclass(cls, BASES[kind]):
+                raise ReaudioError(f"plugin '{plugin}': {cls.__name__} does not implement {BASES[kind].__name__}")
+            info = by_plugin[plugin]
+            spec = self.components.get((kind, name))
+            if spec is None:
+                spec = ComponentSpec(kind, name, plugin, dict(defaults or {}))
+                self.components[(kind, name)] = spec
+            elif spec.plugin != plugin:
+                raise ReaudioError(f"{kind} '{name}' is provided by both '{spec.plugin}' and '{plugin}'")
+            spec.cls, spec.distribution, spec.version, spec.error = cls, info.distribution, info.version, None
+        for spec in self.components.values():
+            if spec.cls is None and spec.error is None:
+                spec.error = f"plugin '{spec.plugin}' loaded but did not register it"
+
+    # -- lookup ---------------------------------------------------------------------
+    def names(self, kind: str, available_only: bool = True) -> list[str]:
+        return sorted(n for (k, n), s in self.components.items()
+                      if k == kind and (s.cls is not None or not available_only))
+
+    def spec(self, kind: str, name: str) -> ComponentSpec:
+        if kind not in KINDS:
+            raise UnknownName(f"Unknown component kind '{kind}'. {closest(kind, KINDS)}")
+        spec = self.components.get((kind, name))
+        if spec is None:
+            raise UnknownName(f"Unknown {kind} '{name}'. {closest(name, self.names(kind, False))}")
+        if spec.cls is None:
+            raise ReaudioError(f"{kind} '{name}' is unavailable: {spec.error}")
+        return spec
+
+    def resolve_params(self, kind: str, name: str, params: dict | None) -> dict:
+        """Defaults overlaid with ``params``; unknown keys are an error naming the known ones."""
+        spec = self.spec(kind, name)
+        params = dict(params or {})
+        known = spec.parameters()
+        for key in params:
+            if key not in known:
+                raise UnknownName(f"{kind} '{name}' has no parameter '{key}'. {closest(key, known)}")
+        return {**spec.defaults, **params}
+
+    def create(self, kind: str, name: str, **params):
+        spec = self.spec(kind, name)
+        return spec.cls(**self.resolve_params(kind, name, params))
+
+    def preset(self, name: str) -> dict:
+        if name not in self.presets:
+            raise UnknownName(f"Unknown preset '{name}'. {closest(name, self.presets)}")
+        return self.presets[name]
+
+
+def build_registry(path: Path | None = None) -> Registry:
+    catalogue = yaml.safe_load(Path(path or registry_path()).read_text(encoding="utf-8")) or {}
+    pm, infos = load_plugins()
+    registered: list[tuple] = []
+    for plugin_name, module in pm.list_name_plugin():
+        def register(kind, name, cls, defaults=None, _p=plugin_name):
+            registered.append((_p, kind, name, cls, defaults))
+        hook = getattr(module, "register_components", None)
+        if hook is None:
+            continue
+        try:
+            hook(register=register)
+        except Exception as exc:
+            info = next(i for i in infos if i.name == plugin_name)
+            info.error = f"{type(exc).__name__} in register_components: {exc}"
+    return Registry(catalogue, infos, registered)
+
+
+@lru_cache(maxsize=1)
+def get_registry() -> Registry:
+    """The process-wide registry (built on first use)."""
+    return build_registry()
+
+
+def create(kind: str, name: str, **params):
+    """Construct a registered component: ``create("retriever", "faiss", index="hnsw")``."""
+    return get_registry().create(kind, name, **params)
