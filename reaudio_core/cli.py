@@ -84,6 +84,64 @@ def cmd_manifest(args) -> int:
     return 0
 
 
+# -- generate ---------------------------------------------------------------------------
+def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Positional words are prompts, except ``dotted.key=value`` words, which are overrides."""
+    import re
+    pattern = re.compile(r"^[A-Za-z_][\w.]*=")
+    prompts = [i for i in items if not pattern.match(i)]
+    return prompts, [i for i in items if pattern.match(i)]
+
+
+def _slug(text: str, n: int = 40) -> str:
+    import re
+    return (re.sub(r"[^\w]+", "-", text.lower(), flags=re.UNICODE).strip("-")[:n] or "prompt")
+
+
+def cmd_generate(args) -> int:
+    from pathlib import Path
+
+    from .audio import save_wav
+    from .config import compose, save_config
+    from .pipeline import ReAudioPipeline
+    prompts, overrides = _split_overrides(args.items)
+    if not prompts:
+        raise ReaudioError("no prompt given: reaudio generate \"a dog barks\" -o dog.wav")
+    for flag in ("seed", "steps", "guidance", "duration", "candidates"):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"generation.{flag}={value}")
+    if args.model:
+        pipe = ReAudioPipeline.from_pretrained(args.model, overrides, db=args.db)
+    else:
+        cfg = compose(args.preset or DEFAULT_GENERATE_PRESET, args.config, overrides)
+        pipe = ReAudioPipeline.from_config(cfg, db=args.db)
+    out = Path(args.output)
+    single = out.suffix.lower() == ".wav"
+    if single and len(prompts) > 1:
+        raise ReaudioError(f"{len(prompts)} prompts need an output directory, not the file {out}")
+    result = pipe(prompts, progress=not args.quiet)
+    for note in result.warnings:
+        print(f"note: {note}", file=sys.stderr)
+    out_dir = out.parent if single else out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, prompt in enumerate(result.prompts):
+        path = out if single else out_dir / f"{i:02d}_{_slug(prompt)}.wav"
+        save_wav(path, result.waveforms[i], result.sample_rate)
+        print(f"{path}  <- {prompt!r}")
+        for n in result.neighbours[i]:
+            print(f"    neighbour {n['score']:.3f}  {n['caption']}  ({n.get('path', '')})")
+        if args.png:
+            from .plots import save_mel_png
+            save_mel_png(path.with_suffix(".png"), result.mels[i], prompt, [n["caption"] for n in result.neighbours[i]])
+    save_config(pipe.cfg, out_dir) if not single else \
+        Path(str(out) + ".config.yaml").write_text(__import__("yaml").safe_dump(pipe.cfg, sort_keys=False))
+    return 0
+
+
+DEFAULT_GENERATE_PRESET = "offline"
+
+
 # -- benchmarks -----------------------------------------------------------------------
 def cmd_bench(args) -> int:
     import runpy
@@ -131,6 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="CSV", help="source CSVs (e.g. metadata.csv, captions.csv)")
     p.add_argument("-o", "--out", required=True)
     p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("generate", help="text -> audio (WAV at 16 kHz)")
+    p.add_argument("items", nargs="+", metavar="PROMPT|key=value",
+                   help="one or more prompts, then optional key=value overrides")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.wav|DIR")
+    p.add_argument("--preset", default=None, help="named preset (default: offline)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE")
+    p.add_argument("--model", metavar="DIR", help="a saved pipeline (save_pretrained / reaudio train)")
+    p.add_argument("--db", metavar="DIR", help="retrieval database (reaudio index build)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--duration", type=float, metavar="S")
+    p.add_argument("--candidates", type=int)
+    p.add_argument("--png", action="store_true", help="also write a mel-spectrogram PNG per clip")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
     p.add_argument("which", choices=["retrievers", "generation", "training"])

@@ -15,10 +15,23 @@ from typing import Any, Iterable
 import yaml
 from omegaconf import OmegaConf
 
-from .interfaces import KINDS
 from .registry import Registry, ReaudioError, UnknownName, closest, get_registry
 
 CONFIG_FILE = "config.yaml"
+
+#: configuration slot -> component kind. A variant has at most one component per slot;
+#: two slots may hold the same kind (the prompt encoder and the caption encoder are both
+#: text encoders).
+SLOTS: dict[str, str] = {
+    "text_encoder": "text_encoder",      # prompt condition and retrieval query (CLAP in the paper)
+    "caption_encoder": "text_encoder",   # states of retrieved captions (T5 in the paper)
+    "audio_encoder": "audio_encoder",    # tokens of retrieved clips (AudioMAE in the paper)
+    "retriever": "retriever",
+    "denoiser": "denoiser",
+    "decoder": "decoder",
+    "vocoder": "vocoder",
+    "reranker": "audio_encoder",         # CLAP-style joint space for candidate re-ranking
+}
 
 
 def _normalise_component(value):
@@ -32,7 +45,7 @@ def _normalise_component(value):
 def _merge(base: dict, layer: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in layer.items():
-        if key in KINDS:
+        if key in SLOTS:
             value = _normalise_component(value)
             old = out.get(key)
             if value is None or old is None or value.get("name", old.get("name")) != old.get("name"):
@@ -95,27 +108,27 @@ def compose(preset: str | None = None, files: Iterable[str | Path] = (), overrid
 def validate(cfg: dict, registry: Registry | None = None) -> dict:
     """Check component names and parameters; fill in defaults. Unknown top-level keys are errors."""
     reg = registry or get_registry()
-    known_sections = set(KINDS) | set(reg.defaults) | {"preset"}
+    known_sections = set(SLOTS) | set(reg.defaults) | {"preset"}
     for key in cfg:
         if key not in known_sections:
             raise UnknownName(f"Unknown configuration key '{key}'. {closest(key, known_sections)}")
     for section, defaults in reg.defaults.items():
-        if isinstance(defaults, dict) and isinstance(cfg.get(section), dict) and section not in KINDS:
+        if isinstance(defaults, dict) and isinstance(cfg.get(section), dict) and section not in SLOTS:
             for key in cfg[section]:
                 if key not in defaults:
                     raise UnknownName(f"Unknown key '{section}.{key}'. {closest(key, defaults)}")
     out = dict(cfg)
-    for kind in KINDS:
-        entry = _normalise_component(cfg.get(kind))
+    for slot, kind in SLOTS.items():
+        entry = _normalise_component(cfg.get(slot))
         if entry is None:
-            out[kind] = None
+            out[slot] = None
             continue
         extra = set(entry) - {"name", "params"}
         if extra:
-            raise UnknownName(f"{kind}: unknown key(s) {sorted(extra)}; a component entry has 'name' and 'params'")
+            raise UnknownName(f"{slot}: unknown key(s) {sorted(extra)}; a component entry has 'name' and 'params'")
         if "name" not in entry:
-            raise ReaudioError(f"{kind}: missing 'name'. Known: {', '.join(reg.names(kind))}")
-        out[kind] = {"name": entry["name"], "params": reg.resolve_params(kind, entry["name"], entry.get("params"))}
+            raise ReaudioError(f"{slot}: missing 'name'. Known: {', '.join(reg.names(kind))}")
+        out[slot] = {"name": entry["name"], "params": reg.resolve_params(kind, entry["name"], entry.get("params"))}
     return out
 
 
@@ -129,10 +142,10 @@ def load_config(directory: str | Path) -> dict:
     return _load_file(Path(directory) / CONFIG_FILE)
 
 
-def build(cfg: dict, kind: str, registry: Registry | None = None, **extra: Any):
-    """Construct the component of ``kind`` described by a resolved config (or None)."""
-    entry = cfg.get(kind)
+def build(cfg: dict, slot: str, registry: Registry | None = None, **extra: Any):
+    """Construct the component in ``slot`` (e.g. ``"caption_encoder"``) of a resolved config, or None."""
+    entry = cfg.get(slot)
     if entry is None:
         return None
     reg = registry or get_registry()
-    return reg.create(kind, entry["name"], **{**entry["params"], **extra})
+    return reg.create(SLOTS[slot], entry["name"], **{**entry["params"], **extra})

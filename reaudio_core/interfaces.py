@@ -147,6 +147,9 @@ class Denoiser(ABC):
 
     in_channels: int  #: latent channels
     downsample: int  #: total downsampling; latent length and width must be multiples of it
+    prompt_dim: int  #: width of ``Conditioning.prompt``
+    text_dim: int | None  #: width of ``Conditioning.captions``; None = no caption stream
+    audio_dim: int | None  #: width of ``Conditioning.audio``; None = no audio stream
 
     @abstractmethod
     def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -1,0 +1,372 @@
+"""One Re-AudioLDM generation, top to bottom:
+
+    prompt -> text embedding -> retrieve top-k (captions, clips) -> caption states + audio tokens
+           -> classifier-free-guided sampling in the decoder's latent space -> decode -> log-mel
+           -> vocoder -> 16 kHz waveform
+
+Everything is a registered component built from a resolved configuration
+(:func:`reaudio_core.config.compose`); :meth:`ReAudioPipeline.save_pretrained` writes the
+configuration plus each component's weights, :meth:`ReAudioPipeline.from_pretrained` reads them.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import unicodedata
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import SLOTS, build, compose, load_config, save_config
+from .interfaces import SAMPLE_RATE, Conditioning
+from .registry import ReaudioError, get_registry
+
+log = logging.getLogger("reaudio")
+
+RETRIEVAL_TYPES = ("none", "audio", "text", "audio+text")
+WEIGHTED_SLOTS = ("denoiser", "decoder", "vocoder", "audio_encoder")
+MEL_FPS = 100  # mel frames per second (hop 160 at 16 kHz)
+MAX_PROMPT_CHARS = 2000
+
+
+@dataclass
+class Generation:
+    """What one call returns: per prompt the chosen waveform, its mel and the neighbours used."""
+    prompts: list[str]
+    waveforms: torch.Tensor  #: [P, samples] float32 at ``sample_rate``
+    mels: torch.Tensor  #: [P, T, 64] log-mel
+    neighbours: list[list[dict]]  #: per prompt, the retrieved items (caption, path, label, score)
+    scores: list[list[float]] = field(default_factory=list)  #: per prompt, re-ranking score per candidate
+    sample_rate: int = SAMPLE_RATE
+    warnings: list[str] = field(default_factory=list)
+
+
+def make_scheduler(cfg: dict, sampler: str):
+    """A diffusers scheduler with the reference's training noise schedule (reference section 5)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    d = cfg["diffusion"]
+    common = dict(num_train_timesteps=d["num_train_timesteps"], beta_start=d["beta_start"],
+                  beta_end=d["beta_end"], beta_schedule=d["beta_schedule"], prediction_type="epsilon")
+    if sampler == "ddim":
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    if sampler == "dpm-solver":
+        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+    raise ReaudioError(f"unknown sampler '{sampler}'; use ddim or dpm-solver")
+
+
+def clean_prompt(prompt: str) -> tuple[str, list[str]]:
+    """Normalise a prompt; reject empty ones; truncate absurdly long ones (with a warning)."""
+    if not isinstance(prompt, str):
+        raise ReaudioError(f"a prompt must be text, got {type(prompt).__name__}")
+    notes = []
+    text = unicodedata.normalize("NFC", prompt)
+    text = "".join(ch if unicodedata.category(ch)[0] != "C" or ch in "\t\n" else " " for ch in text)
+    text = " ".join(text.split())
+    if not text:
+        raise ReaudioError(f"empty prompt {prompt!r}: describe the sound to generate")
+    if len(text) > MAX_PROMPT_CHARS:
+        notes.append(f"prompt of {len(text)} characters truncated to {MAX_PROMPT_CHARS} "
+                     "(text encoders also truncate to their token limit)")
+        text = text[:MAX_PROMPT_CHARS]
+    return text, notes
+
+
+class ReAudioPipeline:
+    def __init__(self, cfg: dict, components: dict, database=None):
+        self.cfg = cfg
+        self.text_encoder = components["text_encoder"]
+        self.caption_encoder = components.get("caption_encoder")
+        self.audio_encoder = components.get("audio_encoder")
+        self.denoiser = components["denoiser"]
+        self.decoder = components["decoder"]
+        self.vocoder = components["vocoder"]
+        self.reranker = components.get("reranker")
+        self.database = database
+        gen = cfg["generation"]
+        if gen["retrieval"] not in RETRIEVAL_TYPES:
+            raise ReaudioError(f"generation.retrieval must be one of {RETRIEVAL_TYPES}, got {gen['retrieval']!r}")
+        self._check_wiring()
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: dict, model_dir: str | Path | None = None, db: str | Path | None = None):
+        """Build every slot of ``cfg``; weights from ``model_dir/<slot>`` where present."""
+        model_dir = Path(model_dir) if model_dir else None
+        reg = get_registry()
+        if cfg["generation"].get("require_weights") and model_dir is None:
+            raise ReaudioError(
+                f"preset '{cfg.get('preset')}' needs trained weights, and none were given. Supply a directory "
+                "written by save_pretrained / `reaudio train` with --model DIR (it must hold config.yaml and "
+                f"{', '.join(f'{s}/' for s in WEIGHTED_SLOTS if cfg.get(s))}), or convert an AudioLDM checkpoint "
+                "with `reaudio convert`.")
+        components = {}
+        for slot in SLOTS:
+            entry = cfg.get(slot)
+            if entry is None or slot == "retriever":
+                continue
+            spec = reg.spec(SLOTS[slot], entry["name"])
+            weights = model_dir / slot if model_dir else None
+            if weights is not None and weights.is_dir() and hasattr(spec.cls, "from_pretrained"):
+                components[slot] = spec.cls.from_pretrained(weights)
+            elif weights is not None and slot in WEIGHTED_SLOTS and hasattr(spec.cls, "from_pretrained"):
+                raise ReaudioError(f"{model_dir} has no {slot}/ weights; expected {weights}/ "
+                                   "(written by save_pretrained)")
+            else:
+                components[slot] = build(cfg, slot)
+        database = None
+        db = db or cfg["generation"].get("database")
+        if cfg["generation"]["retrieval"] != "none":
+            if not db:
+                raise ReaudioError(f"retrieval '{cfg['generation']['retrieval']}' needs a database: pass --db DIR "
+                                   "(built with `reaudio index build`) or set generation.database")
+            from .database import Database
+            database = Database.open(db)
+        return cls(cfg, components, database)
+
+    @classmethod
+    def from_preset(cls, preset: str, overrides: Sequence[str] = (), files: Sequence[str] = (), **kw):
+        return cls.from_config(compose(preset, files, overrides), **kw)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, overrides: Sequence[str] = (), db=None):
+        directory = Path(directory)
+        if not (directory / "config.yaml").exists():
+            raise ReaudioError(f"{directory} is not a saved pipeline: config.yaml missing "
+                               "(write one with save_pretrained or `reaudio train`)")
+        saved = load_config(directory)
+        saved["generation"] = {**saved["generation"], "require_weights": False}
+        cfg = compose(None, [], overrides, base=saved)
+        cfg["preset"] = saved.get("preset")
+        return cls.from_config(cfg, model_dir=directory, db=db)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for slot in WEIGHTED_SLOTS:
+            component = getattr(self, slot)
+            if component is not None and hasattr(component, "save_pretrained"):
+                component.save_pretrained(directory / slot)
+        save_config(self.cfg, directory)
+
+    def _check_wiring(self) -> None:
+        d, gen = self.denoiser, self.cfg["generation"]
+        if self.text_encoder.dim != d.prompt_dim:
+            raise ReaudioError(f"text_encoder '{self.cfg['text_encoder']['name']}' gives {self.text_encoder.dim}-d "
+                               f"prompt embeddings, the denoiser expects {d.prompt_dim}")
+        wants_text = gen["retrieval"] in ("text", "audio+text")
+        wants_audio = gen["retrieval"] in ("audio", "audio+text")
+        if wants_text and d.text_dim is None or wants_audio and d.audio_dim is None:
+            raise ReaudioError(f"retrieval '{gen['retrieval']}' needs a denoiser with that stream; this one has "
+                               f"text_dim={d.text_dim}, audio_dim={d.audio_dim}")
+        if d.text_dim is not None:
+            if self.caption_encoder is None:
+                raise ReaudioError("the denoiser has a caption stream but no caption_encoder is configured")
+            if self.caption_encoder.token_dim != d.text_dim:
+                raise ReaudioError(f"caption_encoder gives {self.caption_encoder.token_dim}-d states, "
+                                   f"the denoiser expects {d.text_dim}")
+        if d.audio_dim is not None:
+            if self.audio_encoder is None:
+                raise ReaudioError("the denoiser has an audio stream but no audio_encoder is configured")
+            if self.audio_encoder.token_dim != d.audio_dim:
+                raise ReaudioError(f"audio_encoder gives {self.audio_encoder.token_dim}-d tokens, "
+                                   f"the denoiser expects {d.audio_dim}")
+        if self.database is not None:
+            db_enc = self.database.config.get("text_encoder") or {}
+            if db_enc != self.cfg["text_encoder"]:
+                raise ReaudioError(
+                    f"the database was embedded with text_encoder {db_enc.get('name')!r} {db_enc.get('params')}, "
+                    f"this model queries with {self.cfg['text_encoder']['name']!r} {self.cfg['text_encoder']['params']}"
+                    ": rebuild the database with the model's text encoder")
+
+    # -- conditioning -------------------------------------------------------------------
+    def retrieve(self, prompt_emb: torch.Tensor, k: int) -> list[list[dict]]:
+        """Top-``k`` database items for each prompt embedding (``[P, d]``)."""
+        scores, ids = self.database.search(prompt_emb.numpy(), k)
+        out = []
+        for row_s, row_i in zip(scores, ids):
+            out.append([{**self.database.items[i], "id": int(i), "score": float(s)}
+                        for s, i in zip(row_s, row_i) if i >= 0])
+        return out
+
+    def _caption_states(self, neighbours: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        n_tok = self.cfg["generation"]["caption_tokens"]
+        cached = self.database.features(self._feature_key("caption")) if self.database is not None else None
+        if cached is not None:
+            states = torch.from_numpy(np.stack([cached["states"][n["id"]] for n in neighbours])).float()
+            mask = torch.from_numpy(np.stack([cached["mask"][n["id"]] for n in neighbours]))
+        else:
+            states, mask = self.caption_encoder.encode_tokens([n["caption"] for n in neighbours], max_tokens=n_tok)
+        return states.reshape(1, -1, states.shape[-1]), mask.reshape(1, -1)
+
+    def _audio_tokens(self, neighbours: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self.database.features(self._feature_key("audio")) if self.database is not None else None
+        if cached is not None:
+            tokens = torch.from_numpy(np.stack([cached["states"][n["id"]] for n in neighbours])).float()
+            mask = torch.from_numpy(np.stack([cached["mask"][n["id"]] for n in neighbours]))
+        else:
+            from .audio import load_audio
+            tokens, mask = self.audio_encoder.encode_tokens([load_audio(n["path"]) for n in neighbours])
+        return tokens.reshape(1, -1, tokens.shape[-1]), mask.reshape(1, -1)
+
+    def _feature_key(self, stream: str) -> str:
+        slot = "caption_encoder" if stream == "caption" else "audio_encoder"
+        return feature_key(self.cfg, slot)
+
+    def condition(self, prompts: list[str], k: int) -> tuple[Conditioning, Conditioning, list[list[dict]]]:
+        """(conditional, unconditional, neighbours) for a batch of prompts (reference section 3)."""
+        d, retrieval = self.denoiser, self.cfg["generation"]["retrieval"]
+        n_tok = self.cfg["generation"]["caption_tokens"]
+        prompt = self.text_encoder.embed(prompts)
+        neighbours = self.retrieve(prompt, k) if retrieval != "none" else [[] for _ in prompts]
+        P = len(prompts)
+        uncond = Conditioning(prompt=self.text_encoder.embed([""]).expand(P, -1))
+        cond = Conditioning(prompt=prompt)
+        if d.text_dim is not None:
+            empty, _ = self.caption_encoder.encode_tokens([""] * k, max_tokens=n_tok)
+            empty = empty.reshape(1, -1, empty.shape[-1]).expand(P, -1, -1)
+            uncond.captions, uncond.caption_mask = empty, torch.ones(P, empty.shape[1], dtype=torch.bool)
+            if retrieval in ("text", "audio+text"):
+                parts = [self._caption_states(n) for n in neighbours]
+                cond.captions, cond.caption_mask = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            else:
+                cond.captions, cond.caption_mask = uncond.captions, uncond.caption_mask
+        if d.audio_dim is not None:
+            n = k * self.audio_encoder.num_tokens
+            uncond.audio = torch.zeros(P, n, d.audio_dim)
+            uncond.audio_mask = torch.ones(P, n, dtype=torch.bool)
+            if retrieval in ("audio", "audio+text"):
+                parts = [self._audio_tokens(nb) for nb in neighbours]
+                cond.audio, cond.audio_mask = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            else:
+                cond.audio, cond.audio_mask = uncond.audio, uncond.audio_mask
+        return cond, uncond, neighbours
+
+    # -- sampling -----------------------------------------------------------------------
+    def latent_shape(self, duration: float) -> tuple[int, int, int]:
+        gen, dec, den = self.cfg["generation"], self.decoder, self.denoiser
+        if not np.isfinite(duration) or duration <= 0:
+            raise ReaudioError(f"duration must be > 0 seconds, got {duration}")
+        if duration > gen["max_duration"]:
+            raise ReaudioError(f"duration {duration} s is beyond this model's limit of {gen['max_duration']} s")
+        frames = duration * MEL_FPS
+        step = dec.compression * den.downsample
+        if abs(frames - round(frames / step) * step) > 1e-6:
+            lo = max(step, int(frames // step) * step)
+            raise ReaudioError(f"duration {duration} s is {frames:g} mel frames, not a multiple of {step} "
+                               f"(decoder x{dec.compression} times denoiser x{den.downsample}); try "
+                               f"{lo / MEL_FPS:g} s or {(lo + step) / MEL_FPS:g} s")
+        return dec.latent_channels, int(round(frames)) // dec.compression, 64 // dec.compression
+
+    @torch.inference_mode()
+    def sample(self, cond: Conditioning, uncond: Conditioning, shape, generators: list[torch.Generator],
+               steps: int, guidance: float, sampler: str, eta: float, progress: bool = True) -> torch.Tensor:
+        """Classifier-free guidance, both halves in one batched denoiser call."""
+        scheduler = make_scheduler(self.cfg, sampler)
+        scheduler.set_timesteps(steps)
+        B = len(generators)
+        latents = torch.stack([torch.randn(shape, generator=g) for g in generators]) * scheduler.init_noise_sigma
+        guided = guidance != 1.0
+        both = uncond.cat(cond) if guided else cond
+        extra = {"eta": eta} if sampler == "ddim" else {}
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg["generation"]["precision"] == "bf16"
+                    else contextlib.nullcontext())
+        for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False)):
+            x = torch.cat([latents, latents]) if guided else latents
+            x = scheduler.scale_model_input(x, t)
+            with autocast:
+                eps = self.denoiser(x, t.expand(len(x)).long(), both).float()
+            if guided:
+                eps_u, eps_c = eps.chunk(2)
+                eps = eps_u + guidance * (eps_c - eps_u)
+            latents = scheduler.step(eps, t, latents, generator=generators[0] if extra else None, **extra).prev_sample
+            if not torch.isfinite(latents).all():
+                raise ReaudioError(f"non-finite latents at step {i + 1}/{steps}: lower the guidance scale, "
+                                   "use precision=fp32, or check the weights")
+        return latents
+
+    @torch.inference_mode()
+    def __call__(self, prompts: str | Sequence[str], *, seed: int | None = None, steps: int | None = None,
+                 guidance: float | None = None, duration: float | None = None, candidates: int | None = None,
+                 k: int | None = None, sampler: str | None = None, progress: bool = True) -> Generation:
+        gen = self.cfg["generation"]
+        seed = gen["seed"] if seed is None else seed
+        steps = gen["steps"] if steps is None else steps
+        guidance = gen["guidance"] if guidance is None else guidance
+        duration = gen["duration"] if duration is None else duration
+        candidates = gen["candidates"] if candidates is None else candidates
+        sampler = sampler or gen["sampler"]
+        k = gen["k"] if k is None else k
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise ReaudioError("no prompt given")
+        if steps < 1:
+            raise ReaudioError(f"steps must be >= 1, got {steps}")
+        if candidates < 1:
+            raise ReaudioError(f"candidates must be >= 1, got {candidates}")
+        if k < 1:
+            raise ReaudioError(f"k must be >= 1, got {k}")
+        notes: list[str] = []
+        cleaned = []
+        for p in prompts:
+            text, n = clean_prompt(p)
+            cleaned.append(text)
+            notes += n
+        if self.database is not None and k > len(self.database):
+            notes.append(f"k={k} is larger than the database ({len(self.database)} items): using k={len(self.database)}")
+            k = len(self.database)
+        shape = self.latent_shape(duration)
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
+
+        # 1. text -> retrieve -> encode
+        cond, uncond, neighbours = self.condition(cleaned, k)
+        # 2. sample candidates: candidate c of prompt p uses seed + c (reproducible per candidate)
+        rep = lambda c: Conditioning(*(None if v is None else v.repeat_interleave(candidates, 0)  # noqa: E731
+                                       for v in (c.prompt, c.captions, c.caption_mask, c.audio, c.audio_mask)))
+        generators = [torch.Generator().manual_seed(seed + c) for _ in cleaned for c in range(candidates)]
+        latents = self.sample(rep(cond), rep(uncond), shape, generators, steps, guidance, sampler,
+                              gen["eta"], progress)
+        # 3. decode -> vocode
+        mels = self.decoder.decode(latents)
+        waves = self.vocoder(mels)
+        # 4. keep the best candidate per prompt by audio-text score
+        P = len(cleaned)
+        waves = waves.reshape(P, candidates, -1)
+        mels = mels.reshape(P, candidates, *mels.shape[1:])
+        scores = [[0.0] * candidates for _ in range(P)]
+        best = [0] * P
+        if candidates > 1 and self.reranker is not None:
+            text = self.reranker_text(cleaned)
+            for p in range(P):
+                audio = self.reranker.embed([w.numpy() for w in waves[p]])
+                scores[p] = (audio @ text[p]).tolist()
+                best[p] = int(np.argmax(scores[p]))
+        elif candidates > 1:
+            notes.append("no reranker configured: keeping the first candidate of each prompt")
+        idx = torch.tensor(best)
+        return Generation(cleaned, waves[torch.arange(P), idx], mels[torch.arange(P), idx], neighbours, scores,
+                          self.vocoder.sample_rate, notes)
+
+    def reranker_text(self, prompts: list[str]) -> torch.Tensor:
+        """Text side of the re-ranking joint space: the text encoder of the reranker's name."""
+        entry = self.cfg["reranker"]
+        if self.cfg["text_encoder"] == entry:
+            return self.text_encoder.embed(prompts)
+        if not hasattr(self, "_rerank_text"):
+            self._rerank_text = get_registry().create("text_encoder", entry["name"], **entry["params"])
+        return self._rerank_text.embed(prompts)
+
+
+def feature_key(cfg: dict, slot: str) -> str:
+    """Name under which a database caches neighbour features of the encoder in ``slot``."""
+    import hashlib
+    import json
+    entry = cfg[slot]
+    digest = hashlib.sha1(json.dumps(entry, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{slot}-{entry['name']}-{digest}"

@@ -1,0 +1,64 @@
+"""Composition: preset -> files -> dot-overrides, validated against the registry."""
+import pytest
+import yaml
+
+from reaudio_core.config import compose, load_config, save_config
+from reaudio_core.registry import ReaudioError, UnknownName, get_registry
+
+
+def test_preset_fills_every_default():
+    cfg = compose("offline")
+    assert cfg["retriever"]["name"] == "faiss"
+    assert cfg["retriever"]["params"] == get_registry().components[("retriever", "faiss")].defaults
+    assert cfg["database"]["neighbours"] == 50
+
+
+def test_file_then_dotlist_layering(tmp_path):
+    f = tmp_path / "v.yaml"
+    f.write_text(yaml.safe_dump({"retriever": {"name": "faiss", "params": {"index": "hnsw", "ef_search": 10}},
+                                 "database": {"neighbours": 20}}))
+    cfg = compose("offline", [f], ["retriever.params.ef_search=99", "database.batch_size=4"])
+    assert cfg["retriever"]["params"]["index"] == "hnsw"
+    assert cfg["retriever"]["params"]["ef_search"] == 99
+    assert cfg["database"]["neighbours"] == 20 and cfg["database"]["batch_size"] == 4
+
+
+def test_changing_a_component_drops_the_old_components_params(tmp_path):
+    cfg = compose("offline", [], ["retriever.params.index=hnsw", "retriever=torch"])
+    assert cfg["retriever"] == {"name": "torch", "params": get_registry().components[("retriever", "torch")].defaults}
+
+
+def test_preset_named_in_a_file(tmp_path):
+    f = tmp_path / "v.yaml"
+    f.write_text("preset: offline\nretriever: torch\n")
+    cfg = compose(None, [f])
+    assert cfg["preset"] == "offline" and cfg["retriever"]["name"] == "torch"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("retriever=fais", "Did you mean 'faiss'"),
+    ("retriever.params.nprob=3", "Did you mean 'nprobe'"),
+    ("databse.neighbours=3", "Did you mean 'database'"),
+    ("database.neighbors=3", "Did you mean 'neighbours'"),
+])
+def test_unknown_names_are_errors_with_closest_match(override, message):
+    with pytest.raises(UnknownName, match=message):
+        compose("offline", [], [override])
+
+
+def test_bad_override_and_file(tmp_path):
+    with pytest.raises(ReaudioError, match="key=value"):
+        compose("offline", [], ["retriever"])
+    with pytest.raises(ReaudioError, match="not found"):
+        compose("offline", [tmp_path / "missing.yaml"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ReaudioError, match="mapping"):
+        compose("offline", [bad])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = compose("offline", [], ["retriever=torch"])
+    save_config(cfg, tmp_path)
+    assert load_config(tmp_path) == cfg
+    assert compose(None, [tmp_path / "config.yaml"]) == cfg
