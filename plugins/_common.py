@@ -2,10 +2,20 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+
+from reaudio_core.registry import ReaudioError
+
+
+class ParamError(ReaudioError, ValueError):
+    """A bad component parameter or a saved index that does not match the requested one."""
 
 
 def as_matrix(x, dim: int | None = None, what: str = "vectors") -> np.ndarray:
@@ -34,9 +44,39 @@ def pad_results(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray
     return scores, ids
 
 
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` to fill a temporary file beside ``path``, fsync it, then rename it over
+    ``path``: a reader (or a process killed mid-write) sees the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``workers`` threads (for splitting GIL-free scans across cores)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix=f"reaudio-scan{workers}")
+        return pool
+
+
 def write_meta(directory: Path, **meta) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "retriever.json").write_text(json.dumps(meta, indent=2))
+    """Write ``retriever.json`` atomically; savers write it last, so it marks a complete save."""
+    text = json.dumps(meta, indent=2)
+    atomic_write(Path(directory) / "retriever.json", lambda tmp: Path(tmp).write_text(text))
 
 
 def read_meta(directory: Path) -> dict:
@@ -44,3 +84,36 @@ def read_meta(directory: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"no retriever.json in {directory}: not a saved index")
     return json.loads(path.read_text())
+
+
+def load_params(directory, name: str, params: dict, build_keys: tuple[str, ...]) -> tuple[dict, dict]:
+    """Validate ``load(directory, **params)`` of a retriever saved by :func:`write_meta`.
+
+    Returns ``(meta, constructor_params)``: the saved parameters overlaid with ``params``.
+    Build-time keys (``build_keys``) must be ``None`` or equal to the saved value.
+    """
+    meta = read_meta(Path(directory))
+    if meta.get("name") != name:
+        raise ParamError(f"{directory} holds a '{meta.get('name')}' index, not '{name}'")
+    saved = dict(meta.get("params") or {})
+    unknown = sorted(set(params) - set(saved))
+    if unknown:
+        raise ParamError(f"{name} retriever has no parameter(s) {unknown}; known: {sorted(saved)}")
+    for key in build_keys:
+        if params.get(key) is not None and saved.get(key) is not None and params[key] != saved[key]:
+            raise ParamError(f"the index in {directory} was built with {key}={saved.get(key)!r}, not "
+                             f"{params[key]!r}; rebuild the index to change it")
+    merged = {**saved, **{k: v for k, v in params.items() if k not in build_keys}}
+    return meta, merged
+
+
+def check_params(name: str, **ints) -> None:
+    """Raise a clear error unless every given value is an integer >= its stated minimum.
+
+    ``ints`` maps a parameter name to ``(value, minimum)``; ``None`` values are skipped.
+    """
+    for key, (value, minimum) in ints.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ParamError(f"{name}: {key} must be an integer >= {minimum}, got {value!r}")

@@ -50,6 +50,13 @@ def cmd_index_build(args) -> int:
     from .config import compose
     from .database import build_database
     cfg = compose(args.preset or "offline", args.config, args.overrides)
+    from .distributed import world_size_from_env
+    if world_size_from_env() > 1:  # under torchrun: each rank embeds a shard, rank 0 writes
+        from .distributed import build_database_distributed
+        report = build_database_distributed(args.manifest, args.out, cfg, progress=not args.quiet)
+        if report is not None:
+            print(report.summary())
+        return 0
     report = build_database(args.manifest, args.out, cfg, progress=not args.quiet)
     print(report.summary())
     return 0
@@ -142,6 +149,19 @@ def cmd_generate(args) -> int:
 DEFAULT_GENERATE_PRESET = "offline"
 
 
+# -- train ------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from .config import compose
+    from .training import train
+    if not args.config and not args.preset:
+        raise ReaudioError("reaudio train needs --config FILE (see configs/, e.g. configs/offline-vae.yaml)")
+    cfg = compose(args.preset, args.config, args.overrides)
+    result = train(cfg, out=args.out, resume=args.resume, progress=not args.quiet)
+    if result is not None:  # rank 0
+        print(result.summary())
+    return 0
+
+
 # -- benchmarks -----------------------------------------------------------------------
 def cmd_bench(args) -> int:
     import runpy
@@ -206,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", action="store_true", help="also write a mel-spectrogram PNG per clip")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train", help="train the VAE, the retrieval LDM or the vocoder (torchrun for several processes)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="YAML file with a training section (repeatable; e.g. configs/offline-ldm.yaml)")
+    p.add_argument("--preset", default=None, help="named preset to start from (default: none)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dot-overrides, e.g. training.max_steps=100")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: training.out)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
     p.add_argument("which", choices=["retrievers", "generation", "training"])

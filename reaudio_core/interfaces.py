@@ -11,7 +11,7 @@ Conventions shared by all contracts
 * Audio is mono ``float32`` in [-1, 1] at :data:`SAMPLE_RATE` (16 kHz) unless the
   component states otherwise; resampling happens in :mod:`reaudio_core.audio`.
 * Mel spectrograms are natural-log magnitudes, layout ``[B, T, 64]`` (frames x bins),
-  10 ms hop, as produced by :func:`reaudio_core.audio.log_mel` (reference section 1).
+  10 ms hop, as produced by :func:`reaudio_core.mel.log_mel` (reference section 1).
 * "Deterministic" means: same inputs, same weights, same torch version, CPU -> bit-identical output.
 * Components with weights implement ``save_pretrained(dir)`` and the classmethod
   ``from_pretrained(dir, **overrides)``: ``config.json`` (constructor keywords) plus
@@ -29,7 +29,7 @@ import torch
 
 SAMPLE_RATE = 16_000
 
-KINDS = ("retriever", "text_encoder", "audio_encoder", "denoiser", "decoder", "vocoder")
+KINDS = ("retriever", "text_encoder", "audio_encoder", "denoiser", "decoder", "vocoder", "feature_model")
 
 
 class Retriever(ABC):
@@ -40,6 +40,7 @@ class Retriever(ABC):
 
     kind: ClassVar[str] = "retriever"
     metric: ClassVar[str] = "ip"  # inner product == cosine on normalised vectors
+    exact: bool = False  #: True when search is exhaustive (deterministic, ties broken by lower id)
 
     @property
     @abstractmethod
@@ -52,7 +53,10 @@ class Retriever(ABC):
 
     @abstractmethod
     def add(self, vectors: np.ndarray) -> None:
-        """Append ``vectors`` ``[N, dim]`` float32 (C-contiguous, normalised by the caller)."""
+        """Append ``vectors`` ``[N, dim]`` float32 (C-contiguous, normalised by the caller).
+
+        A dimension other than :attr:`dim` raises ``ValueError`` (so does :meth:`search`).
+        """
 
     @abstractmethod
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +74,8 @@ class Retriever(ABC):
     @classmethod
     @abstractmethod
     def load(cls, directory: str | Path, **params) -> "Retriever":
-        """Rebuild an index written by :meth:`save`. ``params`` may change search-time knobs."""
+        """Rebuild an index written by :meth:`save`. ``params`` may change search-time knobs;
+        a build-time parameter (``dim``, index layout) that differs from the saved one raises ``ValueError``."""
 
     def nbytes(self) -> int:
         """Approximate memory held by the index, in bytes (for benchmarks)."""
@@ -188,6 +193,31 @@ class Vocoder(ABC):
         """``mel [B, T, 64]`` log-mel -> waveform ``[B, T * hop_length]`` float32."""
 
 
+class FeatureModel(ABC):
+    """Audio -> evaluation features (reference section 6): FAD frames and classifier logits.
+
+    ``wavs``: 1-D float32 arrays at :attr:`sample_rate`, any length > 0 (models pad clips
+    shorter than one frame). Deterministic, weights frozen. A model without a classifier head
+    has ``num_classes == 0`` and its :meth:`logits` raises ``NotImplementedError``.
+    ``fingerprint`` identifies weights + preprocessing; feature caches are keyed on it.
+    """
+
+    kind: ClassVar[str] = "feature_model"
+
+    name: str  #: registered name, reported beside every score
+    sample_rate: int  #: Hz the inputs must be at
+    num_classes: int  #: width of :meth:`logits` (0 = no classifier head)
+    fingerprint: str  #: hash of weights and preprocessing version
+
+    @abstractmethod
+    def embed_frames(self, wavs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """One float32 ``[n_frames, d]`` array per clip (the frames FAD pools)."""
+
+    def logits(self, wavs: Sequence[np.ndarray]) -> torch.Tensor:
+        """``[B, num_classes]`` float32 pre-softmax class scores, one row per clip."""
+        raise NotImplementedError(f"feature model '{self.name}' has no classifier head")
+
+
 BASES: dict[str, type] = {
     "retriever": Retriever,
     "text_encoder": TextEncoder,
@@ -195,4 +225,5 @@ BASES: dict[str, type] = {
     "denoiser": Denoiser,
     "decoder": Decoder,
     "vocoder": Vocoder,
+    "feature_model": FeatureModel,
 }

@@ -1,0 +1,127 @@
+"""T5 encoder as a text encoder (the retrieved-caption states of Re-AudioLDM).
+
+transformers' ``T5EncoderModel``. Re-AudioLDM pads/truncates every retrieved caption to 50
+tokens (the pipeline passes ``max_tokens = generation.caption_tokens``); without ``max_tokens``
+rows are cut at ``max_length`` and padded to the longest in the batch. ``embed`` is the masked
+mean of the last hidden states, L2-normalised; ``dim = token_dim = d_model``.
+
+Weights (``pretrained``): a local Hugging Face T5 folder (``config.json`` + ``model.safetensors`` or
+``pytorch_model.bin`` + tokenizer files; a full ``T5ForConditionalGeneration`` folder such as
+google/flan-t5-large is fine, its decoder weights are skipped), or its id looked up in the local
+cache only. ``tokenizer=DIR`` overrides the folder's tokenizer.
+
+``random_init: true`` builds random weights (``size``: tiny / small / base / large, the last three
+the FLAN-T5 shapes; ``config`` overrides any ``T5Config`` field; ``seed``). Without a ``tokenizer``
+a random-init model uses the MiniLM WordPiece tokenizer (bert-base-uncased vocabulary, offline)
+and sizes its vocabulary to it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from reaudio_core import ReaudioError, TextEncoder, hookimpl
+
+from . import _encoders as E
+
+DEFAULT_HUB_ID = "google/flan-t5-large"
+
+SIZES: dict[str, dict] = {
+    "tiny": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4, "feed_forward_proj": "gated-gelu",
+             "relative_attention_num_buckets": 8, "relative_attention_max_distance": 16},
+    "small": {"d_model": 512, "d_kv": 64, "d_ff": 1024, "num_layers": 8, "num_heads": 6,
+              "feed_forward_proj": "gated-gelu"},
+    "base": {"d_model": 768, "d_kv": 64, "d_ff": 2048, "num_layers": 12, "num_heads": 12,
+             "feed_forward_proj": "gated-gelu"},
+    "large": {"d_model": 1024, "d_kv": 64, "d_ff": 2816, "num_layers": 24, "num_heads": 16,
+              "feed_forward_proj": "gated-gelu"},
+}
+
+# keys of a full encoder-decoder T5 checkpoint that the encoder does not use
+_DECODER_KEYS = ("decoder.", "lm_head.")
+
+
+def _tokenizer(folder):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:
+        raise ReaudioError(f"t5: no usable tokenizer in {folder} ({type(exc).__name__}: {exc}); "
+                           "pass tokenizer=DIR, a folder with the T5 tokenizer files") from None
+
+
+def _load(pretrained, tokenizer, random_init, size, config, seed):
+    from transformers import T5Config, T5EncoderModel
+    E.random_init_check("t5", random_init, pretrained)
+    tok_dir = E.resolve_local(tokenizer, what="t5 tokenizer", param="tokenizer") if tokenizer else None
+    if random_init:
+        if size not in SIZES:
+            raise ReaudioError(f"t5: unknown size {size!r}. Known: {', '.join(SIZES)}")
+        tok = _tokenizer(tok_dir) if tok_dir else E.fallback_tokenizer()
+        cfg = E.merge_config({**SIZES[size], "vocab_size": len(tok), "pad_token_id": tok.pad_token_id}, config)
+        with E.seeded(seed):
+            model = T5EncoderModel(T5Config(**cfg))
+        return model, tok, f"random init (size {size}, seed {seed})", {"ignored": []}
+    if not pretrained:
+        raise ReaudioError(f"t5: no weights given. Pass pretrained=DIR, a local Hugging Face T5 folder (e.g. "
+                           f"{DEFAULT_HUB_ID}), or random_init=true for random weights")
+    folder = E.resolve_local(pretrained, what="t5", param="pretrained")
+    if not (folder / "config.json").is_file():
+        raise ReaudioError(f"t5: {folder} is not a Hugging Face T5 folder (config.json missing)")
+    try:
+        model, info = T5EncoderModel.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
+                                                     dtype=torch.float32)
+    except Exception as exc:
+        raise ReaudioError(f"t5: cannot load a T5 encoder from {folder}: {type(exc).__name__}: {exc}") from None
+    unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(_DECODER_KEYS)]
+    bad = list(info.get("missing_keys", [])) + unexpected + [str(m) for m in info.get("mismatched_keys", [])]
+    if bad:
+        raise ReaudioError(f"t5: {folder} does not fit T5EncoderModel: {', '.join(bad[:5])}"
+                           f"{' ...' if len(bad) > 5 else ''}")
+    tok = _tokenizer(tok_dir or folder)
+    ignored = sorted(k for k in info.get("unexpected_keys", []) if k.startswith(_DECODER_KEYS))
+    return model, tok, f"T5 {folder}", {"ignored": ignored}
+
+
+class T5TextEncoder(TextEncoder):
+    """T5 encoder: masked-mean sentence embedding and per-token states with masks."""
+
+    def __init__(self, *, pretrained, tokenizer, random_init, size, config, seed, device, batch_size, max_length):
+        self.device = E.torch_device(device)
+        self.batch_size, self.max_length = int(batch_size), int(max_length)
+        key = dict(pretrained=pretrained, tokenizer=tokenizer, random_init=random_init, size=size, config=config,
+                   seed=seed, device=str(self.device))
+
+        def build():
+            model, tok, origin, report = _load(pretrained, tokenizer, random_init, size, config, int(seed))
+            return model.to(self.device).eval(), tok, origin, report
+        self._holder = E.shared({"t5": key}, build)
+        self.model, self.tokenizer, self.origin, self.load_report = self._holder.value
+        self.dim = self.token_dim = int(self.model.config.d_model)
+
+    def _run(self, texts, max_tokens):
+        length = max_tokens or self.max_length
+        for batch in E.chunks(texts, self.batch_size):
+            enc = self.tokenizer(batch, padding="max_length" if max_tokens else "longest", truncation=True,
+                                 max_length=length, return_tensors="pt")
+            ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+            states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            yield states.float().cpu(), mask.bool().cpu()
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        texts = E.text_list(texts)
+        out = [E.normalize(E.masked_mean(s, m)) for s, m in self._run(texts, None)]
+        return torch.cat(out) if out else torch.zeros(0, self.dim)
+
+    @torch.inference_mode()
+    def encode_tokens(self, texts: Sequence[str], max_tokens: int | None = None):
+        texts = E.text_list(texts)
+        max_tokens = E.check_max_tokens(max_tokens)
+        return E.cat_tokens(list(self._run(texts, max_tokens)), max_tokens, self.token_dim)
+
+
+@hookimpl
+def register_components(register):
+    register("text_encoder", "t5", T5TextEncoder)

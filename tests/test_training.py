@@ -1,0 +1,316 @@
+"""`reaudio train`: stages, checkpoints, resume after kill -9, faults, DDP and the distributed index build.
+
+Everything runs on tiny components and a handful of 1 s synthetic clips. Multi-process runs go
+through real subprocesses (`python -m reaudio_core.cli`, `torchrun --nproc_per_node 2` over gloo).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, make_clip
+from reaudio_core import ReaudioError
+from reaudio_core import training as T
+from reaudio_core.config import compose
+
+TINY_VAE = {"block_out_channels": [8, 16, 16], "layers_per_block": 1, "latent_channels": 8, "norm_num_groups": 4}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+
+
+def run(args, env_extra=None, check=True, timeout=240):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(REPO), **(env_extra or {})}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(REPO))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def cli(*args, **kw):
+    return run([sys.executable, "-m", "reaudio_core.cli", *map(str, args)], **kw)
+
+
+def log_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / T.LOG_FILE).read_text().splitlines()]
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Six 1 s clips in three 'classes' (captions repeat per class), a manifest, and a manifest that
+    also lists a corrupt FLAC, a truncated WAV and a missing file."""
+    root = tmp_path_factory.mktemp("clips")
+    rows = ["path,caption,label"]
+    names = ["a dog barks", "rain falls on a roof", "church bells ring"]
+    for i in range(6):
+        make_clip(root / f"c{i}.wav", seconds=1.0, freq=220 * (1 + i % 3) + 30 * i, seed=i)
+        rows.append(f"c{i}.wav,{names[i % 3]},class{i % 3}")
+    (root / "m.csv").write_text("\n".join(rows) + "\n")
+    (root / "corrupt.flac").write_bytes(b"fLaC\x00\x00\x00\x22" + os.urandom(200))
+    good = (root / "c0.wav").read_bytes()
+    (root / "truncated.wav").write_bytes(good[:60])  # header cut inside the fmt chunk
+    bad = rows + ["corrupt.flac,a broken file,class0", "truncated.wav,a cut file,class1", "gone.wav,a missing file,class2"]
+    (root / "bad.csv").write_text("\n".join(bad) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    """An untrained tiny VAE saved with save_pretrained (what the vae stage exports)."""
+    from reaudio_core import create
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("vae") / "decoder"
+    create("decoder", "vae", **TINY_VAE, scale_factor=0.9).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def db_dir(tmp_path_factory, data):
+    from reaudio_core.database import build_database
+    out = tmp_path_factory.mktemp("db") / "db"
+    cfg = compose(None, overrides=["text_encoder=minilm", "retriever=torch", "database.neighbours=4"])
+    build_database([data / "m.csv"], out, cfg, progress=False)
+    return out
+
+
+def vae_yaml(tmp: Path, manifest: Path, **training) -> Path:
+    cfg = {"decoder": {"name": "vae", "params": TINY_VAE},
+           "training": {"stage": "vae", "manifest": [str(manifest)], "batch_size": 2, "lr": 1e-3, "warmup_steps": 2,
+                        "max_steps": 3, "checkpoint_every": 2, "log_every": 1, "crop_seconds": 0.32,
+                        "ema_decay": 0.9, **training}}
+    path = tmp / "vae.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def ldm_yaml(tmp: Path, db: Path, vae: Path, **training) -> Path:
+    cfg = {"text_encoder": "minilm", "caption_encoder": "minilm",
+           "audio_encoder": {"name": "vae-latent", "params": {"weights": str(vae), "num_tokens": 4}},
+           "decoder": "vae",
+           "denoiser": {"name": "unet-ldm", "params": {"size": "tiny", "prompt_dim": 384, "text_dim": 384,
+                                                       "audio_dim": 128}},
+           "vocoder": {"name": "griffin-lim", "params": {"n_iter": 2}},
+           "generation": {"retrieval": "audio+text", "k": 2, "caption_tokens": 8, "duration": 0.32, "steps": 2},
+           "training": {"stage": "ldm", "database": str(db), "pretrained": {"decoder": str(vae)}, "batch_size": 2,
+                        "lr": 1e-3, "warmup_steps": 2, "max_steps": 6, "checkpoint_every": 2, "log_every": 1,
+                        "crop_seconds": 0.32, "ema_decay": 0.99, **training}}
+    path = tmp / "ldm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# -- the vae stage, bad audio ----------------------------------------------------------------------
+def test_vae_stage_skips_bad_audio_and_exports_scale_factor(tmp_path, data):
+    from reaudio_plugins.vae import VAE
+    cfg = compose(None, [vae_yaml(tmp_path, data / "bad.csv")])
+    result = T.train(cfg, tmp_path / "out", progress=False)
+    assert result.steps == 3 and result.start_step == 0
+    skipped = {Path(p.split(" ")[0]).name: reason for p, reason in result.skipped}
+    assert set(skipped) == {"corrupt.flac", "truncated.wav", "gone.wav"}
+    assert "missing file" in skipped["gone.wav"] and "unreadable" in skipped["corrupt.flac"]
+    report = (tmp_path / "out" / T.SKIP_REPORT).read_text()
+    assert "corrupt.flac" in report and "truncated.wav" in report
+    assert "skipped 3 clip(s)" in result.summary()
+    rows = log_rows(tmp_path / "out")
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    assert {"recon", "kl", "lr", "grad_norm"} <= set(rows[0])
+    # final export: the EMA weights with the measured scale factor, loadable by the plugin
+    vae = VAE.from_pretrained(tmp_path / "out" / "final" / "decoder")
+    assert vae.scale_factor == pytest.approx(result.extra["scale_factor"]) and vae.scale_factor != 1.0
+    saved = yaml.safe_load((tmp_path / "out" / "final" / "config.yaml").read_text())
+    assert saved["decoder"]["params"]["scale_factor"] == pytest.approx(vae.scale_factor)
+    mel = torch.randn(1, 32, 64)
+    assert vae.decode(vae.encode(mel)).shape == (1, 32, 64)
+    state = T.load_checkpoint(T.list_checkpoints(tmp_path / "out")[-1][1])
+    assert state["step"] == 3 and state["ema"] is not None and "python_state" in state["rng"]
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch, capsys):
+    from reaudio_core.cli import main
+    monkeypatch.setenv(T.NAN_HOOK, "3")
+    cfg = vae_yaml(tmp_path, data / "m.csv", max_steps=5)
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss (nan) at step 3" in err and "step-00000002.pt" in err
+    ckpts = T.list_checkpoints(tmp_path / "out")
+    assert [s for s, _ in ckpts] == [2]
+    assert T.load_checkpoint(ckpts[0][1])["step"] == 2
+    assert not (tmp_path / "out" / "final").exists()
+    # a second run into the same directory must say --resume
+    monkeypatch.delenv(T.NAN_HOOK)
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    # and resuming with a changed model is refused, naming the key
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "out"), "--quiet", "--resume",
+                 "training.lr=0.5"]) == 2
+    assert "training.lr" in capsys.readouterr().err
+
+
+def test_a_failed_checkpoint_write_never_damages_the_previous_one(tmp_path, monkeypatch):
+    good = {"format": T.CHECKPOINT_FORMAT, "version": 1, "step": 4, "model": {"w": torch.arange(6.0)}}
+    T.save_checkpoint(tmp_path, good)
+    path = T.checkpoint_path(tmp_path, 4)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def broken_save(obj, f, *a, **kw):  # half a file, then the disk "fills up"
+        real_save(obj, f, *a, **kw)
+        f.truncate(f.tell() // 2)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(T.torch, "save", broken_save)
+    for step in (4, 6):  # overwrite the same step, and write a newer one
+        with pytest.raises(OSError):
+            T.save_checkpoint(tmp_path, {**good, "step": step, "model": {"w": torch.zeros(6)}})
+    monkeypatch.setattr(T.torch, "save", real_save)
+    assert path.read_bytes() == before
+    assert [s for s, _ in T.list_checkpoints(tmp_path)] == [4]
+    assert sorted(p.name for p in (tmp_path / T.CHECKPOINT_DIR).iterdir()) == [path.name]  # no temp files left
+    found, state = T.latest_checkpoint(tmp_path)
+    assert found == path and torch.equal(state["model"]["w"], torch.arange(6.0))
+    # a newer file that is damaged anyway (e.g. copied in half) is passed over on resume
+    (tmp_path / T.CHECKPOINT_DIR / "step-00000008.pt").write_bytes(before[: len(before) // 3])
+    assert T.latest_checkpoint(tmp_path)[0] == path
+
+
+def test_rng_state_round_trip():
+    import random
+    state = T.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    T.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+    torch.save(state, buf := __import__("io").BytesIO())
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["numpy_pos"] == state["numpy_pos"]
+
+
+def test_step_batches_resume_where_they_left_off():
+    from reaudio_core.distributed import DistEnv
+    full = list(T.StepBatches(7, 2, DistEnv(), seed=3, start=0, stop=10))
+    assert list(T.StepBatches(7, 2, DistEnv(), seed=3, start=4, stop=10)) == full[4:]
+    assert len({tuple(i for i, _ in b) for b in full[:3]}) == 3 and all(len(b) == 2 for b in full)
+    # two ranks split every epoch's permutation without overlap
+    r0 = list(T.StepBatches(8, 2, DistEnv(rank=0, world=2), seed=3, start=0, stop=2))
+    r1 = list(T.StepBatches(8, 2, DistEnv(rank=1, world=2), seed=3, start=0, stop=2))
+    ids = [i for b in r0 + r1 for i, _ in b]
+    assert sorted(ids) == list(range(8))
+
+
+# -- vae-latent audio encoder ------------------------------------------------------------------------
+def test_vae_latent_encoder(tmp_path, vae_dir):
+    from reaudio_core import create
+    from reaudio_plugins.vae_latent import VaeLatentEncoder
+    enc = create("audio_encoder", "vae-latent", weights=str(vae_dir), num_tokens=4)
+    assert enc.dim == enc.token_dim == 8 * 16
+    rng = np.random.default_rng(0)
+    wavs = [rng.standard_normal(12800).astype(np.float32) * 0.1, rng.standard_normal(900).astype(np.float32)]
+    tokens, mask = enc.encode_tokens(wavs)
+    assert tokens.shape == (2, 4, 128) and mask.all()
+    emb = enc.embed(wavs)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(2))
+    # the embedding is the normalised mean of the latent frames; the tokens pool the same frames
+    frames = enc.latent_frames(wavs[:1])[0]
+    assert torch.allclose(emb[0], torch.nn.functional.normalize(frames.mean(0), dim=0), atol=1e-6)
+    assert frames.shape == (20, 128)  # 80 mel frames -> 20 latent frames -> 4 tokens of 5 frames each
+    assert torch.allclose(tokens[0], frames.reshape(4, 5, 128).mean(1), atol=1e-6)
+    enc.save_pretrained(tmp_path / "ae")
+    again = VaeLatentEncoder.from_pretrained(tmp_path / "ae")
+    assert torch.equal(again.encode_tokens(wavs)[0], tokens)
+    assert enc.vae.scale_factor == again.vae.scale_factor == 0.9
+    with pytest.raises(ReaudioError, match="not a directory"):
+        create("audio_encoder", "vae-latent", weights=str(tmp_path / "nope"))
+
+
+# -- the ldm stage: kill -9, resume, export ----------------------------------------------------------
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, db_dir, vae_dir):
+    from safetensors.torch import load_file
+    cfg = ldm_yaml(tmp_path, db_dir, vae_dir)
+    cli("train", "--config", cfg, "--out", tmp_path / "straight", "--quiet")
+    killed = cli("train", "--config", cfg, "--out", tmp_path / "resumed", "--quiet",
+                 env_extra={T.KILL_HOOK: "5"}, check=False)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert [s for s, _ in T.list_checkpoints(tmp_path / "resumed")] == [2, 4]
+    assert not (tmp_path / "resumed" / "final").exists()
+    resumed = cli("train", "--config", cfg, "--out", tmp_path / "resumed", "--quiet", "--resume")
+    assert "(step 4)" in resumed.stderr
+    a, b = log_rows(tmp_path / "straight"), log_rows(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == rb["loss"], (ra, rb)  # bit-identical losses after resuming
+    wa = load_file(tmp_path / "straight" / "final" / "denoiser" / "model.safetensors")
+    wb = load_file(tmp_path / "resumed" / "final" / "denoiser" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # guidance dropout happened with the reference rates (logged per step)
+    assert all({"dropped_all", "dropped_prompt"} <= set(r) for r in a)
+    # neighbour features were cached into the database once, under the pipeline's feature keys
+    from reaudio_core.database import Database
+    from reaudio_core.pipeline import feature_key
+    full = yaml.safe_load((tmp_path / "straight" / "config.yaml").read_text())
+    names = Database.open(db_dir).feature_names()
+    assert feature_key(full, "caption_encoder") in names and feature_key(full, "audio_encoder") in names
+
+
+def test_ldm_conditioning_matches_the_pipeline(tmp_path, db_dir, vae_dir):
+    """Training conditions = pipeline.condition's inputs for the same neighbours; dropout = its uncond."""
+    from reaudio_core.distributed import DistEnv
+    from reaudio_core.pipeline import ReAudioPipeline
+    cfg = compose(None, [ldm_yaml(tmp_path, db_dir, vae_dir, cfg_drop_all=1.0)])
+    stage = T.LdmStage(cfg, DistEnv(), progress=False)
+    pos = torch.tensor([0, 3])
+    cond = stage.condition(pos)
+    k = cfg["generation"]["k"]
+    assert cond.captions.shape == (2, k * 8, 384) and cond.audio.shape == (2, k * 4, 128)
+    # the item itself is never among its neighbours
+    ids = stage.neighbour_ids[pos]
+    assert all(int(stage.dataset.clips[p].index) not in ids[j].tolist() for j, p in enumerate(pos.tolist()))
+    # unconditional inputs: identical to what the pipeline builds for sampling
+    components = {s: getattr(stage, s) for s in ("text_encoder", "caption_encoder", "audio_encoder", "denoiser",
+                                                 "decoder", "vocoder")}
+    pipe = ReAudioPipeline(cfg, components, stage.db)
+    _, uncond, _ = pipe.condition(["a dog barks", "rain"], k)
+    dropped, stats = stage.objective.dropout(cond, torch.Generator().manual_seed(0))
+    assert stats["dropped_all"] == 1.0
+    for f in ("prompt", "captions", "caption_mask", "audio", "audio_mask"):
+        assert torch.equal(getattr(dropped, f), getattr(uncond, f).to(getattr(dropped, f).dtype)), f
+    # the cached caption states equal the caption encoder's own output for the neighbours
+    nb = ids[0].tolist()
+    states, mask = stage.caption_encoder.encode_tokens([stage.db.items[i]["caption"] for i in nb], max_tokens=8)
+    assert torch.allclose(cond.captions[0], states.reshape(-1, 384), atol=1e-5)
+    assert torch.equal(cond.caption_mask[0], mask.reshape(-1))
+
+
+def test_ddp_two_cpu_processes_and_the_export_generates(tmp_path, db_dir, vae_dir):
+    from reaudio_core.pipeline import ReAudioPipeline
+    cfg = ldm_yaml(tmp_path, db_dir, vae_dir, max_steps=3, batch_size=1)
+    proc = run([*TORCHRUN, "-m", "reaudio_core.cli", "train", "--config", str(cfg), "--out", str(tmp_path / "ddp"),
+                "--quiet"])
+    assert "trained ldm: steps 0 -> 3" in proc.stdout
+    assert proc.stdout.count("trained ldm") == 1  # only rank 0 reports (and writes)
+    state = T.load_checkpoint(T.list_checkpoints(tmp_path / "ddp")[-1][1])
+    assert state["world_size"] == 2 and state["step"] == 3
+    assert [r["step"] for r in log_rows(tmp_path / "ddp")] == [1, 2, 3]
+    final = tmp_path / "ddp" / "final"
+    assert {p.name for p in final.iterdir()} >= {"config.yaml", "denoiser", "decoder", "audio_encoder"}
+    pipe = ReAudioPipeline.from_pretrained(final, db=db_dir)
+    out = pipe("a dog barks", steps=2, progress=False)
+    assert out.waveforms.shape == (1, 5120) and torch.isfinite(out.waveforms).all()
+
+
+def test_distributed_index_build_equals_a_single_process_build(tmp_path, data, db_dir):
+    from reaudio_core.database import Database
+    proc = run([*TORCHRUN, "-m", "reaudio_core.cli", "index", "build", "--manifest", str(data / "bad.csv"),
+                "--out", str(tmp_path / "db2"), "--quiet", "text_encoder=minilm", "retriever=torch",
+                "database.neighbours=4"])
+    assert proc.stdout.count("built ") == 1 and "3 skipped" in proc.stdout
+    one, two = Database.open(db_dir), Database.open(tmp_path / "db2")
+    assert [(i["path"], i["caption"]) for i in one.items] == [(i["path"], i["caption"]) for i in two.items]
+    assert np.allclose(one.embeddings("text"), two.embeddings("text"), atol=1e-5)
+    assert np.array_equal(one.neighbours.ids, two.neighbours.ids)
+    assert {Path(s["path"]).name for s in two.report()["skipped"]} == {"corrupt.flac", "truncated.wav", "gone.wav"}
