@@ -25,8 +25,8 @@ def as_matrix(x, dim: int | None = None, what: str = "vectors") -> np.ndarray:
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
     if x.ndim == 1:
         x = x[None]
-    if x.ndim != 2:
-        raise ValueError(f"{what} must be [N, dim], got shape {tuple(x.shape)}")
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ValueError(f"{what} must be [N, dim] with dim >= 1, got shape {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{what} have dimension {x.shape[1]}, the index holds dimension {dim}")
     return x

@@ -242,6 +242,18 @@ class _Holder:
 _SHARED: "weakref.WeakValueDictionary[str, _Holder]" = weakref.WeakValueDictionary()
 
 
+def stamp(path) -> list | None:
+    """Identity of local weights for :func:`shared` keys: resolved path + size/mtime of its files
+    (so rewritten weights are reloaded); None for ids, null and missing paths."""
+    if not path:
+        return None
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        return None
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
+    return [str(p.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
 def shared(key: dict, build: Callable[[], Any]) -> _Holder:
     """``build()`` once per ``key`` while any component still holds the result (e.g. the text
     and the audio side of one CLAP share a single ClapModel). Keep the returned holder."""

@@ -24,7 +24,6 @@ random weights, only when asked.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -111,7 +110,8 @@ class AudioMAEEncoder(AudioEncoder):
         self.dim = self.token_dim = int(self.arch["embed_dim"])
         gt, gf = TARGET_FRAMES // PATCH, MEL_BINS // PATCH
         self.num_tokens = (gt // self.pool[0]) * (gf // self.pool[1])
-        key = dict(pretrained=pretrained, random_init=random_init, arch=self.arch, seed=seed, device=str(self.device))
+        key = dict(pretrained=pretrained, random_init=random_init, arch=self.arch, seed=seed, device=str(self.device),
+                   stamp=E.stamp(pretrained))
         self._holder = E.shared({"audiomae": key}, lambda: self._load(pretrained, random_init, int(seed)))
         self.vit, self.origin, self.load_report = self._holder.value
 
@@ -129,15 +129,15 @@ class AudioMAEEncoder(AudioEncoder):
 
     def _load(self, pretrained, random_init, seed):
         from ._ckpt import load_strict
-        with E.seeded(seed):
-            vit = build_vit(self.arch)
-        if random_init:
-            return vit.to(self.device).eval(), f"random init (seed {seed})", {"ignored": []}
-        if not pretrained:
+        if not random_init and not pretrained:
             raise ReaudioError(
                 "audiomae: no weights given. Download the AudioMAE ViT-B/16 AudioSet-2M pretrained checkpoint "
                 "(pretrained.pth, linked from github.com/facebookresearch/AudioMAE) on a machine with network, "
                 "copy it here and pass audio_encoder.params.pretrained=FILE; or random_init=true for random weights")
+        with E.seeded(seed):
+            vit = build_vit(self.arch)
+        if random_init:
+            return vit.to(self.device).eval(), f"random init (seed {seed})", {"ignored": []}
         path = E.resolve_local(pretrained, what="audiomae", param="pretrained")
         if path.is_dir():
             path = path / E.WEIGHTS_FILE
@@ -152,7 +152,8 @@ class AudioMAEEncoder(AudioEncoder):
         from ._ckpt import write_safetensors
         with E.atomic_dir(directory) as tmp:
             write_safetensors(tmp / E.WEIGHTS_FILE, self.vit.state_dict())
-            E.write_component_config(tmp, {**self._kwargs, "pretrained": None, "random_init": False})
+            E.write_component_config(tmp, {**self._kwargs, "pretrained": None, "random_init": False,
+                                           "config": dict(self.arch), "pool": list(self.pool)})
 
     @classmethod
     def from_pretrained(cls, directory, **overrides):

@@ -218,7 +218,8 @@ class _Bundle:
     backend = "transformers"
 
     def __init__(self, model, tokenizer, feature_extractor, origin: str, report: dict):
-        self.model, self.tokenizer, self.fe, self.origin, self.report = model, tokenizer, feature_extractor, origin, report
+        self.model, self.tokenizer, self.fe = model, tokenizer, feature_extractor
+        self.origin, self.report = origin, report
         self.config = model.config
         audio = self.config.audio_config
         self.fe.truncation = "fusion" if audio.enable_fusion else "rand_trunc"
@@ -374,7 +375,8 @@ class _LaionBundle:
             raise ReaudioError("clap backend 'laion' needs pretrained=FILE (a LAION-CLAP .pt checkpoint)")
         path = E.resolve_local(pretrained, what="clap", param="pretrained")
         sd = _strip_to_clap(lightning_state_dict(E.read_checkpoint(path)), path)
-        audio = infer_laion_config(sd)["audio_config"]
+        inferred = infer_laion_config(sd)
+        audio, self.dim = inferred["audio_config"], inferred["projection_dim"]
         amodel = {96: "HTSAT-tiny", 128: "HTSAT-base", 256: "HTSAT-large"}.get(audio["patch_embeds_hidden_size"])
         if amodel is None:
             raise ReaudioError(f"clap backend 'laion': unknown HTSAT width {audio['patch_embeds_hidden_size']}")
@@ -408,7 +410,7 @@ class _ClapBase:
         self.device = E.torch_device(device)
         self.seed, self.batch_size, self.max_length = int(seed), int(batch_size), int(max_length)
         key = {k: v for k, v in self._kwargs.items() if k not in ("batch_size", "max_length")}
-        key["device"] = str(self.device)
+        key.update(device=str(self.device), stamp=[E.stamp(pretrained), E.stamp(processor)])
         if backend == "laion":
             self._holder = E.shared(key, lambda: _LaionBundle(pretrained, config))
         else:
@@ -424,7 +426,7 @@ class _ClapBase:
             self.token_dim = int(cfg.text_config.hidden_size if self._kind == "text" else cfg.audio_config.hidden_size)
             self.num_tokens = self.bundle.num_tokens
         else:
-            self.dim, self.token_dim, self.num_tokens = 512, 0, 0
+            self.dim, self.token_dim, self.num_tokens = self.bundle.dim, 0, 0
 
     @property
     def model(self):

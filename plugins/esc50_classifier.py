@@ -254,7 +254,7 @@ def train_model(x: np.ndarray, y: np.ndarray, labels: list[str], config: dict, *
             sched.step()
             total += len(idx)
             correct += int((logits.argmax(-1) == yt[idx]).sum())
-            loss_sum += float(loss) * len(idx)
+            loss_sum += loss.item() * len(idx)
         msg = f"epoch {epoch + 1:>3}/{epochs}  loss {loss_sum / total:.3f}  train acc {correct / total:.3f}"
         if val is not None and ((epoch + 1) % 10 == 0 or epoch + 1 == epochs):
             history["val_accuracy"] = accuracy(front, net, *val)
@@ -281,6 +281,7 @@ def save_weights(net: Esc50Net, config: dict, out: Path) -> None:
         tmp = out / f".{name}.tmp"
         write(tmp)
         os.replace(tmp, out / name)
+        os.chmod(out / name, 0o644)
 
 
 def cmd_train(args) -> int:

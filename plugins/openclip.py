@@ -10,8 +10,9 @@ the package: no download); the model always runs on its full context (77 tokens)
 Weights (``pretrained``): a local open_clip checkpoint file (``open_clip_model.safetensors``,
 ``open_clip_pytorch_model.bin``, or a training checkpoint ``{"state_dict": {"module.…"}}``), in
 the CLIP layout (``token_embedding.*``, ``transformer.*``, ``ln_final.*``, ``text_projection``) or
-the custom-text layout (``text.*``); or a pretrained tag of ``model`` (e.g. ``laion2b_s34b_b79k``)
-found in the local Hugging Face cache -- never downloaded. ``random_init: true`` (+ ``size``:
+the custom-text layout (``text.*``); a folder written by :meth:`save_pretrained`; or a pretrained
+tag of ``model`` (e.g. ``laion2b_s34b_b79k``) found in the local Hugging Face cache -- never
+downloaded. ``random_init: true`` (+ ``size``:
 ``full`` = the named model, ``tiny`` for tests; ``config`` overrides ``embed_dim`` / ``text_cfg``
 fields; ``seed``) gives random weights, only when asked.
 """
@@ -78,8 +79,13 @@ def text_state_dict(sd: dict, path) -> tuple[dict, list[str]]:
 
 def _resolve_weights(pretrained: str, model: str) -> Path:
     path = Path(pretrained).expanduser()
+    if path.is_dir():  # a folder written by save_pretrained, or a hub snapshot
+        for name in (E.WEIGHTS_FILE, "open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            if (path / name).is_file():
+                return path / name
+        raise ReaudioError(f"openclip: no weights in {path} (expected {E.WEIGHTS_FILE} or open_clip_model.safetensors)")
     if path.exists():
-        return path / "open_clip_model.safetensors" if path.is_dir() else path
+        return path
     import open_clip
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained not in tags:
@@ -110,16 +116,18 @@ class OpenClipTextEncoder(TextEncoder):
         self.device = E.torch_device(device)
         self.batch_size = int(batch_size)
         self.cfg = _model_config(model, size, config)
+        if self.cfg["text_cfg"].get("hf_tokenizer_name"):
+            raise ReaudioError(f"openclip: {model} uses a Hugging Face tokenizer; only open_clip's own BPE "
+                               "tokenizer (shipped with the package) is supported offline")
         key = dict(model=model, pretrained=pretrained, random_init=random_init, cfg=self.cfg, seed=seed,
-                   device=str(self.device))
+                   device=str(self.device), stamp=E.stamp(pretrained))
         self._holder = E.shared({"openclip": key}, lambda: self._load(model, pretrained, random_init, int(seed)))
         self.tower, self.origin, self.load_report = self._holder.value
         import open_clip
-        self.tokenizer = open_clip.get_tokenizer(model, context_length=self.tower.context_length) \
-            if not self.cfg["text_cfg"].get("hf_tokenizer_name") else None
-        if self.tokenizer is None:
-            raise ReaudioError(f"openclip: {model} uses a Hugging Face tokenizer; not supported offline")
+        self.tokenizer = open_clip.get_tokenizer(model, context_length=self.tower.context_length)
         self.pad_id = int(getattr(self.tower, "pad_id", 0))
+        self._kwargs = dict(model=model, pretrained=pretrained, random_init=random_init, size=size, config=config,
+                            seed=seed, device=device, batch_size=batch_size)
         self.dim = int(self.cfg["embed_dim"])
         self.token_dim = int(self.tower.width if hasattr(self.tower, "width") else self.cfg["text_cfg"]["width"])
 
@@ -138,6 +146,19 @@ class OpenClipTextEncoder(TextEncoder):
         load_strict(tower, sd, f"open_clip checkpoint {path}",
                     hint=f"The text tower is {self.cfg}; set model/config to the checkpoint's architecture.")
         return tower.to(self.device).eval(), f"open_clip {path}", {"ignored": skipped}
+
+    def save_pretrained(self, directory) -> None:
+        """``config.json`` (constructor keywords; ``config`` = the resolved text-tower settings) +
+        ``model.safetensors`` (the text tower, open_clip key names)."""
+        from ._ckpt import write_safetensors
+        with E.atomic_dir(directory) as tmp:
+            write_safetensors(tmp / E.WEIGHTS_FILE, self.tower.state_dict())
+            E.write_component_config(tmp, {**self._kwargs, "pretrained": None, "random_init": False,
+                                           "config": self.cfg})
+
+    @classmethod
+    def from_pretrained(cls, directory, **overrides):
+        return cls(**E.read_component_config(cls, "text_encoder", "openclip", directory, overrides))
 
     def _run(self, texts):
         for batch in E.chunks(texts, self.batch_size):

@@ -28,7 +28,6 @@ from ._features import by_length, check_keys, find_default, load_state_dict, pad
 VERSION = "panns-cnn14-16k-v1"
 SR, NFFT, HOP, MELS, FMIN, FMAX, CLASSES = 16000, 512, 160, 64, 50.0, 8000.0, 527
 DEFAULT_PATHS = ("~/.cache/audioldm_eval/ckpt/Cnn14_16k_mAP=0.438.pth", "~/.cache/reaudio/weights/Cnn14_16k_mAP=0.438.pth")
-FRONT_END = ("spectrogram_extractor.", "logmel_extractor.")
 
 
 class ConvBlock(nn.Module):
@@ -48,25 +47,33 @@ def _stft_kernels() -> tuple[torch.Tensor, torch.Tensor]:
     n = torch.arange(NFFT, dtype=torch.float64)
     k = torch.arange(NFFT // 2 + 1, dtype=torch.float64)[:, None]
     window = torch.hann_window(NFFT, periodic=True, dtype=torch.float64)
-    angle = 2 * torch.pi * k * n / NFFT
+    angle = 2 * torch.pi * ((k * n) % NFFT) / NFFT  # exact phase, in float64
     return ((torch.cos(angle) * window)[:, None].float(), (-torch.sin(angle) * window)[:, None].float())
+
+
+def front_end_state() -> dict[str, torch.Tensor]:
+    """The fixed STFT kernels (Hann x DFT) and Slaney mel matrix, under their checkpoint names."""
+    import torchaudio.functional as AF
+    real, imag = _stft_kernels()
+    return {"spectrogram_extractor.stft.conv_real.weight": real, "spectrogram_extractor.stft.conv_imag.weight": imag,
+            "logmel_extractor.melW": AF.melscale_fbanks(NFFT // 2 + 1, FMIN, FMAX, MELS, SR, norm="slaney",
+                                                        mel_scale="slaney")}
 
 
 class Cnn14(nn.Module):
     def __init__(self):
         super().__init__()
-        import torchaudio.functional as AF
         self.spectrogram_extractor = nn.Module()
         self.spectrogram_extractor.stft = nn.Module()
         stft = self.spectrogram_extractor.stft
         stft.conv_real = nn.Conv1d(1, NFFT // 2 + 1, NFFT, stride=HOP, bias=False)
         stft.conv_imag = nn.Conv1d(1, NFFT // 2 + 1, NFFT, stride=HOP, bias=False)
-        real, imag = _stft_kernels()
-        stft.conv_real.weight.data.copy_(real)
-        stft.conv_imag.weight.data.copy_(imag)
         self.logmel_extractor = nn.Module()
-        self.logmel_extractor.melW = nn.Parameter(
-            AF.melscale_fbanks(NFFT // 2 + 1, FMIN, FMAX, MELS, SR, norm="slaney", mel_scale="slaney"))
+        self.logmel_extractor.melW = nn.Parameter(torch.empty(NFFT // 2 + 1, MELS))
+        if not stft.conv_real.weight.is_meta:
+            with torch.no_grad():
+                for k, v in front_end_state().items():
+                    self.get_parameter(k).copy_(v)
         self.bn0 = nn.BatchNorm2d(MELS)
         chans = (1, 64, 128, 256, 512, 1024, 2048)
         for i in range(6):
@@ -100,17 +107,19 @@ class PannsCnn14(FeatureModel):
     dim = 2048
 
     def __init__(self, *, checkpoint, allow_random, device, batch_size):
-        self.net = Cnn14()
         path = checkpoint or find_default(DEFAULT_PATHS)
         if path is not None:
             state = load_state_dict(path, "PANNs Cnn14")
-            own = self.net.state_dict()
-            for k in own:  # the fixed front end may be absent from a trimmed checkpoint: use ours
-                if k.startswith(FRONT_END) and k not in state:
-                    state[k] = own[k]
+            for k, v in front_end_state().items():  # a trimmed checkpoint may lack the fixed front end
+                state.setdefault(k, v)
+            with torch.device("meta"):  # no throw-away random init of 80M parameters
+                self.net = Cnn14()
             check_keys(self.net, state, "PANNs Cnn14 (16 kHz)", path)
-            self.net.load_state_dict(state)
-        elif not allow_random:
+            self.net.load_state_dict({k: v if k.endswith("num_batches_tracked") else v.float()
+                                      for k, v in state.items()}, assign=True)
+        elif allow_random:
+            self.net = Cnn14()
+        else:
             raise ReaudioError("panns-cnn14 needs its weights: download Cnn14_16k_mAP=0.438.pth (zenodo record "
                                "3987831) into ~/.cache/audioldm_eval/ckpt/ or pass checkpoint=PATH "
                                "(allow_random=true only for tests)")

@@ -8,7 +8,8 @@ mean of the last hidden states, L2-normalised; ``dim = token_dim = d_model``.
 Weights (``pretrained``): a local Hugging Face T5 folder (``config.json`` + ``model.safetensors`` or
 ``pytorch_model.bin`` + tokenizer files; a full ``T5ForConditionalGeneration`` folder such as
 google/flan-t5-large is fine, its decoder weights are skipped), or its id looked up in the local
-cache only. ``tokenizer=DIR`` overrides the folder's tokenizer.
+cache only; or a folder written by :meth:`T5TextEncoder.save_pretrained`. ``tokenizer=DIR``
+overrides the folder's tokenizer.
 
 ``random_init: true`` builds random weights (``size``: tiny / small / base / large, the last three
 the FLAN-T5 shapes; ``config`` overrides any ``T5Config`` field; ``seed``). Without a ``tokenizer``
@@ -67,6 +68,11 @@ def _load(pretrained, tokenizer, random_init, size, config, seed):
         raise ReaudioError(f"t5: no weights given. Pass pretrained=DIR, a local Hugging Face T5 folder (e.g. "
                            f"{DEFAULT_HUB_ID}), or random_init=true for random weights")
     folder = E.resolve_local(pretrained, what="t5", param="pretrained")
+    if (folder / "t5_config.json").is_file():  # written by T5TextEncoder.save_pretrained
+        from ._ckpt import load_strict, read_json, read_weights
+        model = T5EncoderModel(T5Config.from_dict(read_json(folder / "t5_config.json")))
+        load_strict(model, read_weights(folder / E.WEIGHTS_FILE), str(folder / E.WEIGHTS_FILE))
+        return model, _tokenizer(tok_dir or folder), f"saved {folder}", {"ignored": []}
     if not (folder / "config.json").is_file():
         raise ReaudioError(f"t5: {folder} is not a Hugging Face T5 folder (config.json missing)")
     try:
@@ -74,14 +80,30 @@ def _load(pretrained, tokenizer, random_init, size, config, seed):
                                                      dtype=torch.float32)
     except Exception as exc:
         raise ReaudioError(f"t5: cannot load a T5 encoder from {folder}: {type(exc).__name__}: {exc}") from None
-    unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(_DECODER_KEYS)]
+    stored = _stored_keys(folder)
+    extra = set(info.get("unexpected_keys", [])) | (stored - set(model.state_dict()) if stored else set())
+    unexpected = sorted(k for k in extra if not k.startswith(_DECODER_KEYS))
     bad = list(info.get("missing_keys", [])) + unexpected + [str(m) for m in info.get("mismatched_keys", [])]
     if bad:
         raise ReaudioError(f"t5: {folder} does not fit T5EncoderModel: {', '.join(bad[:5])}"
                            f"{' ...' if len(bad) > 5 else ''}")
     tok = _tokenizer(tok_dir or folder)
-    ignored = sorted(k for k in info.get("unexpected_keys", []) if k.startswith(_DECODER_KEYS))
+    ignored = sorted(k for k in extra if k.startswith(_DECODER_KEYS))
     return model, tok, f"T5 {folder}", {"ignored": ignored}
+
+
+def _stored_keys(folder) -> set[str]:
+    """Tensor names in a folder's safetensors weights (sharded or not); empty if it has none."""
+    import json
+    from safetensors import safe_open
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
+    single = folder / "model.safetensors"
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return set(f.keys())
+    return set()
 
 
 class T5TextEncoder(TextEncoder):
@@ -91,7 +113,7 @@ class T5TextEncoder(TextEncoder):
         self.device = E.torch_device(device)
         self.batch_size, self.max_length = int(batch_size), int(max_length)
         key = dict(pretrained=pretrained, tokenizer=tokenizer, random_init=random_init, size=size, config=config,
-                   seed=seed, device=str(self.device))
+                   seed=seed, device=str(self.device), stamp=[E.stamp(pretrained), E.stamp(tokenizer)])
 
         def build():
             model, tok, origin, report = _load(pretrained, tokenizer, random_init, size, config, int(seed))
@@ -99,6 +121,24 @@ class T5TextEncoder(TextEncoder):
         self._holder = E.shared({"t5": key}, build)
         self.model, self.tokenizer, self.origin, self.load_report = self._holder.value
         self.dim = self.token_dim = int(self.model.config.d_model)
+        self._kwargs = dict(pretrained=pretrained, tokenizer=tokenizer, random_init=random_init, size=size,
+                            config=config, seed=seed, device=device, batch_size=batch_size, max_length=max_length)
+
+    def save_pretrained(self, directory) -> None:
+        """``config.json`` (constructor keywords), ``model.safetensors`` (encoder weights),
+        ``t5_config.json`` and the tokenizer files."""
+        from ._ckpt import write_json, write_safetensors
+        with E.atomic_dir(directory) as tmp:
+            # clone: the tied input embedding is stored under both of its names
+            write_safetensors(tmp / E.WEIGHTS_FILE, {k: v.clone() for k, v in self.model.state_dict().items()})
+            write_json(tmp / "t5_config.json", self.model.config.to_dict())
+            self.tokenizer.save_pretrained(str(tmp))
+            E.write_component_config(tmp, {**self._kwargs, "pretrained": None, "tokenizer": None,
+                                           "random_init": False, "config": None})
+
+    @classmethod
+    def from_pretrained(cls, directory, **overrides):
+        return cls(**E.read_component_config(cls, "text_encoder", "t5", directory, overrides))
 
     def _run(self, texts, max_tokens):
         length = max_tokens or self.max_length

@@ -7,9 +7,11 @@ matrix-vector product, bound by memory bandwidth, so:
 * the vectors are stored column-wise, ``[dim, capacity]``: ``q @ X`` is then a BLAS gemv that
   streams each row of ``X`` once (the row-major ``X @ q`` path of MKL reads about half as fast);
 * a query batch of at most :attr:`TorchRetriever.SPLIT_MAX_QUERIES` is split across ``threads``
-  column blocks, each a single-threaded product on its own Python thread (torch releases the
-  GIL): one core cannot draw the machine's full memory bandwidth, and BLAS's own threading of
-  a matrix-vector product does not scale (``benchmarks/retrievers.py`` measures both);
+  column blocks, each scanned (product + top-k) by one single-threaded torch call on its own
+  Python thread (torch releases the GIL), and the blocks' top-k are merged: one core cannot
+  draw the machine's full memory bandwidth, and BLAS's own threading of a matrix-vector
+  product does not scale (``benchmarks/retrievers.py`` measures exact search against the
+  measured bandwidth);
 * larger batches are one multi-threaded matrix product per block of queries, the block sized
   so the score matrix stays under :attr:`TorchRetriever.BLOCK_BYTES`.
 
@@ -44,6 +46,14 @@ def topk_lowest_id(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray
         top[r] = np.concatenate([top[r][keep], np.full(len(tied), v, np.float32)])
     order = np.lexsort((idx, -top), axis=1)
     return np.take_along_axis(top, order, 1), np.take_along_axis(idx, order, 1)
+
+
+def _scan(q: torch.Tensor, x: torch.Tensor, lo: int, hi: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of ``q`` against columns ``lo:hi`` of ``x``, on the calling (pool) thread alone."""
+    torch.set_num_threads(1)  # this thread's ATen/BLAS parallelism: the parts already fill the cores
+    with torch.inference_mode():
+        top, idx = topk_lowest_id(q @ x[:, lo:hi], min(k, hi - lo))
+    return top, idx + lo
 
 
 class TorchRetriever(Retriever):
@@ -101,10 +111,11 @@ class TorchRetriever(Retriever):
                 if len(q) <= self.SPLIT_MAX_QUERIES and threads > 1 and self._n >= self.SPLIT_MIN_ITEMS:
                     torch.set_num_threads(1)
                     bounds = np.linspace(0, self._n, threads + 1).astype(int)
-                    blocks = [x[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
-                    scores = torch.cat(list(thread_pool(threads).map(q.__matmul__, blocks)), 1)
-                    torch.set_num_threads(previous)
-                    top, idx = topk_lowest_id(scores, kk)
+                    parts = list(thread_pool(threads).map(lambda lh: _scan(q, x, lh[0], lh[1], kk),
+                                                          zip(bounds[:-1], bounds[1:])))
+                    top, idx = np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1)
+                    order = np.lexsort((idx, -top), axis=1)[:, :kk]  # each part's ties are its lowest ids
+                    top, idx = np.take_along_axis(top, order, 1), np.take_along_axis(idx, order, 1)
                 else:
                     torch.set_num_threads(threads)
                     rows = max(1, self.BLOCK_BYTES // (4 * self._n))

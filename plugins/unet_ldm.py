@@ -81,7 +81,7 @@ def default_head_width(model_channels: int) -> int:
     for ch, _, width in SIZES.values():
         if ch == model_channels:
             return width
-    return 64 if model_channels >= 256 else 32
+    return 64 if isinstance(model_channels, int) and model_channels >= 256 else 32
 
 
 def attention_heads(block_out_channels, head_width: int) -> list[int]:
@@ -380,9 +380,10 @@ class UNetLDM(Denoiser):
         if size not in SIZES:
             raise ReaudioError(f"unet-ldm: unknown size {size!r}; known: {', '.join(SIZES)}")
         base, size_layers, size_width = SIZES[size]
-        arch = {"block_out_channels": list(block_out_channels or [base * m for m in CHANNEL_MULT]),
-                "layers_per_block": layers_per_block or size_layers, "prompt_dim": prompt_dim,
-                "in_channels": in_channels}
+        arch = {"block_out_channels": [base * m for m in CHANNEL_MULT] if block_out_channels is None
+                else list(block_out_channels),
+                "layers_per_block": size_layers if layers_per_block is None else layers_per_block,
+                "prompt_dim": prompt_dim, "in_channels": in_channels}
         streams = [d for d in (text_dim, audio_dim) if d is not None]
         source = read_unet_checkpoint(checkpoint) if checkpoint else None
         if source is not None:
@@ -397,8 +398,8 @@ class UNetLDM(Denoiser):
                                    f"model is configured with text_dim={text_dim}, audio_dim={audio_dim}; set them "
                                    "to the checkpoint's (captions first, then audio)")
         if head_width is None:
-            head_width = size_width if not block_out_channels and source is None else \
-                default_head_width(int(arch["block_out_channels"][0]))
+            head_width = size_width if block_out_channels is None and source is None else \
+                default_head_width(next(iter(arch["block_out_channels"]), 0))  # a bad list is reported below
         arch["head_width"] = head_width
         self._validate(arch, streams)
         arch = {"block_out_channels": [int(c) for c in arch["block_out_channels"]],
@@ -550,34 +551,30 @@ class UNetLDM(Denoiser):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides) -> "UNetLDM":
-        """Rebuild from a :meth:`save_pretrained` directory; a diffusers folder or an AudioLDM ``.ckpt`` is read
-        with the registry defaults. ``overrides`` replace constructor keywords, e.g. ``text_dim=1024,
-        audio_dim=768`` to initialise a retrieval UNet from an AudioLDM checkpoint, or ``device``."""
+        """Rebuild from a :meth:`save_pretrained` directory. A diffusers folder or an AudioLDM ``.ckpt`` is loaded
+        as what it holds (sizes from it, its retrieval streams or none). ``overrides`` replace constructor
+        keywords, e.g. ``text_dim=1024, audio_dim=768`` to initialise a retrieval UNet from an AudioLDM
+        checkpoint (the stream not named is then absent), or ``device``."""
         directory = Path(directory)
         cfg_file = directory / CONFIG_FILE
         if directory.is_dir() and cfg_file.exists() and "_class_name" not in (cfg := read_json(cfg_file)):
             params = {**cfg, **overrides}
-        else:
+        else:  # a foreign source (diffusers folder, AudioLDM .ckpt) is loaded as what it is
             from reaudio_core.registry import get_registry
-            params = {**get_registry().resolve_params("denoiser", "unet-ldm", {}), **overrides}
+            params = {**get_registry().resolve_params("denoiser", "unet-ldm", {}), "text_dim": None, "audio_dim": None}
             if "text_dim" not in overrides and "audio_dim" not in overrides:
-                # a foreign source is loaded as what it is: its streams, or none (AudioLDM)
-                source_streams = None
-                if directory.is_dir() and _diffusers_folder(directory) is not None:
-                    folder = _diffusers_folder(directory)
-                    _, source_streams, _ = _arch_from_diffusers_config(read_json(folder / CONFIG_FILE), folder)
-                elif directory.is_file():
-                    source_streams = []
-                if source_streams is not None:
-                    dims = list(source_streams) + [None] * (2 - len(source_streams))
-                    if len(source_streams) == 1:
-                        raise ReaudioError(f"{directory} has one retrieval stream ({source_streams[0]}-d): say "
-                                           "whether it is the caption or the audio stream with text_dim= or audio_dim=")
-                    params["text_dim"], params["audio_dim"] = dims
+                folder = _diffusers_folder(directory) if directory.is_dir() else None
+                streams = _arch_from_diffusers_config(read_json(folder / CONFIG_FILE), folder)[1] if folder else []
+                if len(streams) == 1:
+                    raise ReaudioError(f"{directory} has one retrieval stream ({streams[0]}-d): say whether it is the "
+                                       "caption or the audio stream with text_dim= or audio_dim=")
+                if streams:
+                    params["text_dim"], params["audio_dim"] = streams
+            params.update(overrides)
         params["checkpoint"] = str(directory)
         unknown = set(params) - set(PARAMS)
         if unknown:
-            raise ReaudioError(f"unet-ldm: unknown parameter(s) {sorted(unknown)} in {cfg_file}")
+            raise ReaudioError(f"unet-ldm: unknown parameter(s) {sorted(unknown)}; known: {', '.join(PARAMS)}")
         return cls(**params)
 
     def to(self, device) -> "UNetLDM":

@@ -12,8 +12,10 @@ features are the latents of the same VAE the LDM works in.
 ``weights``: a directory written by the ``vae`` decoder's ``save_pretrained`` (e.g.
 ``OUT/final/decoder`` of ``reaudio train`` with ``training.stage=vae``). ``null`` builds an
 untrained VAE from the ``vae`` registry defaults overlaid with ``vae`` (tests, shape checks).
-:meth:`VaeLatentEncoder.save_pretrained` writes ``config.json`` + the VAE under ``vae/``, so a
-saved pipeline is self-contained. Deterministic (posterior mean, no sampling).
+:meth:`VaeLatentEncoder.save_pretrained` writes ``config.json`` + under ``vae/`` the VAE's
+``config.json`` and only the weights this encoder runs (``encoder.*``, ``quant_conv.*``:
+about 40% of the VAE) as ``encoder.safetensors``, so a saved pipeline is self-contained without
+a second full copy of the VAE. Deterministic (posterior mean, no sampling).
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from reaudio_core.mel import N_MELS, seconds_to_samples, waveform_to_mel
 
 CONFIG_FILE = "config.json"
 VAE_DIR = "vae"
+ENCODER_WEIGHTS = "encoder.safetensors"
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")
 POOLS = ("avg", "avg+max")
 
 
@@ -41,7 +45,10 @@ class VaeLatentEncoder(AudioEncoder):
             if not path.is_dir():
                 raise ReaudioError(f"vae-latent: weights={weights} is not a directory; give the VAE folder written by "
                                    "save_pretrained (OUT/final/decoder of `reaudio train` with training.stage=vae)")
-            self.vae = spec.cls.from_pretrained(path, device=device)
+            if (path / ENCODER_WEIGHTS).is_file():  # written by save_pretrained below: encoder half only
+                self.vae = self._encoder_only(spec.cls, path, device)
+            else:
+                self.vae = spec.cls.from_pretrained(path, device=device)
         else:
             self.vae = get_registry().create("decoder", "vae", **{**dict(vae or {}), "device": device})
         if not isinstance(num_tokens, int) or num_tokens < 1:
@@ -55,6 +62,20 @@ class VaeLatentEncoder(AudioEncoder):
         self._vae_params = dict(vae or {})
         c = self.vae.compression
         self.token_dim = self.dim = self.vae.latent_channels * (N_MELS // c)
+
+    @staticmethod
+    def _encoder_only(vae_cls, path: Path, device):
+        from reaudio_plugins._ckpt import read_json, read_weights
+        params = {**read_json(path / CONFIG_FILE), "checkpoint": None, "device": device}
+        vae = vae_cls(**params)
+        state = read_weights(path / ENCODER_WEIGHTS)
+        wanted = {k for k in vae.model.state_dict() if k.startswith(ENCODER_PREFIXES)}
+        if set(state) != wanted:
+            missing, extra = sorted(wanted - set(state)), sorted(set(state) - wanted)
+            raise ReaudioError(f"vae-latent: {path / ENCODER_WEIGHTS} does not fit the VAE in {path / CONFIG_FILE} "
+                               f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        vae.model.load_state_dict(state, strict=False)
+        return vae
 
     # -- features -------------------------------------------------------------------------------
     def _mel(self, wav: np.ndarray) -> torch.Tensor:
@@ -101,10 +122,12 @@ class VaeLatentEncoder(AudioEncoder):
                 "max_seconds": self.max_seconds, "device": "cpu"}
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """``config.json`` (constructor keywords) + the VAE in ``vae/`` (its own save_pretrained)."""
+        """``config.json`` (constructor keywords) + ``vae/config.json`` and ``vae/encoder.safetensors``."""
+        from reaudio_plugins._ckpt import write_json, write_safetensors
         directory = Path(directory)
-        self.vae.save_pretrained(directory / VAE_DIR)
-        from reaudio_plugins._ckpt import write_json
+        state = {k: v for k, v in self.vae.model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+        write_safetensors(directory / VAE_DIR / ENCODER_WEIGHTS, state)
+        write_json(directory / VAE_DIR / CONFIG_FILE, self.vae.config())
         write_json(directory / CONFIG_FILE, self.config())
 
     @classmethod

@@ -87,13 +87,17 @@ class VGGish(FeatureModel):
     dim = 128
 
     def __init__(self, *, checkpoint, allow_random, device, batch_size):
-        self.net = VGGishNet()
         path = checkpoint or find_default(DEFAULT_PATHS)
         if path is not None:
             state = load_state_dict(path, "VGGish")
+            with torch.device("meta"):  # no throw-away random init of 72M parameters
+                self.net = VGGishNet()
             check_keys(self.net, state, "torchvggish VGGish", path, ignore=PCA_KEYS)
-            self.net.load_state_dict({k: v for k, v in state.items() if not k.startswith(PCA_KEYS)})
-        elif not allow_random:
+            self.net.load_state_dict({k: v.float() for k, v in state.items() if not k.startswith(PCA_KEYS)},
+                                     assign=True)
+        elif allow_random:
+            self.net = VGGishNet()
+        else:
             raise ReaudioError("vggish needs its weights: download vggish-10086976.pth (harritaylor/torchvggish "
                                "release v0.1) into ~/.cache/torch/hub/checkpoints/ or pass "
                                "checkpoint=PATH (allow_random=true only for tests)")

@@ -69,6 +69,18 @@ def cmd_index_add(args) -> int:
     return 0
 
 
+def cmd_index_features(args) -> int:
+    from .config import compose
+    from .pipeline import ReAudioPipeline
+    if args.model:
+        pipe = ReAudioPipeline.from_pretrained(args.model, args.overrides, db=args.db)
+    else:
+        pipe = ReAudioPipeline.from_config(compose(args.preset, args.config, args.overrides), db=args.db)
+    for name in pipe.cache_features(progress=not args.quiet):
+        print(f"cached {name} for {len(pipe.database)} items in {args.db}")
+    return 0
+
+
 def cmd_retrieve(args) -> int:
     from .database import Database
     db = Database.open(args.db)
@@ -162,6 +174,38 @@ def cmd_train(args) -> int:
     return 0
 
 
+# -- evaluate ---------------------------------------------------------------------------
+def _model_spec(text: str | None) -> tuple[str | None, dict]:
+    """``NAME`` or ``NAME:key=value,key=value`` -> (name, params); values are parsed as YAML scalars."""
+    if not text:
+        return None, {}
+    import yaml
+    name, _, rest = text.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        if "=" not in item:
+            raise ReaudioError(f"feature-model parameter '{item}' is not key=value (e.g. vggish:checkpoint=PATH)")
+        key, value = item.split("=", 1)
+        params[key.strip()] = yaml.safe_load(value)
+    return name.strip(), params
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate, to_json, to_markdown
+    from .registry import get_registry
+    defaults = get_registry().defaults.get("evaluation", {}) or {}
+    features, fparams = _model_spec(args.features or defaults.get("features", "esc50-classifier"))
+    classifier, cparams = _model_spec(args.classifier or defaults.get("classifier"))
+    clap, _ = _model_spec(args.clap or defaults.get("clap"))
+    result = evaluate(args.generated, args.reference, features=features, features_params=fparams,
+                      classifier=classifier, classifier_params=cparams, clap=clap, prompts=args.prompts,
+                      is_splits=args.is_splits or defaults.get("is_splits", 10),
+                      silence_db=defaults.get("silence_db", -70.0), use_cache=not args.no_cache,
+                      progress=not args.quiet and not args.json)
+    print(to_json(result) if args.json else to_markdown(result), end="" if not args.json else "\n")
+    return 0
+
+
 # -- benchmarks -----------------------------------------------------------------------
 def cmd_bench(args) -> int:
     import runpy
@@ -197,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--manifest", action="append", required=True, metavar="CSV")
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=cmd_index_add)
+
+    f = isub.add_parser("features", help="precompute neighbour caption/audio features of a model into a database")
+    f.add_argument("--db", required=True, metavar="DIR")
+    f.add_argument("--model", metavar="DIR", help="a saved pipeline; else --preset/--config")
+    f.add_argument("--quiet", action="store_true")
+    _config_args(f)
+    f.set_defaults(func=cmd_index_features)
 
     p = sub.add_parser("retrieve", help="print the nearest database items for a prompt")
     p.add_argument("--db", required=True, metavar="DIR")
@@ -236,6 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="FAD / KL / IS / CLAP score of generated audio against reference audio")
+    p.add_argument("--generated", required=True, metavar="DIR", help="folder of generated clips (any soundfile format)")
+    p.add_argument("--reference", required=True, metavar="DIR", help="folder of reference clips; KL pairs same names")
+    p.add_argument("--prompts", metavar="CSV", help="file,prompt CSV for the CLAP score")
+    p.add_argument("--features", metavar="NAME[:k=v,...]",
+                   help="feature model for FAD (default: esc50-classifier); e.g. vggish:checkpoint=PATH")
+    p.add_argument("--classifier", metavar="NAME[:k=v,...]",
+                   help="feature model for KL / IS (default: --features when it has a classifier head)")
+    p.add_argument("--clap", metavar="NAME", help="feature model for the CLAP score (default: clap when registered)")
+    p.add_argument("--is-splits", type=int, metavar="N", help="inception-score splits (default 10)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
+    p.add_argument("--json", action="store_true", help="print JSON on standard output instead of markdown")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
     p.add_argument("which", choices=["retrievers", "generation", "training"])

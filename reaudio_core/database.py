@@ -266,7 +266,8 @@ def read_manifest(path: str | Path) -> tuple[list[_Row], list[dict], int]:
         header = next(reader)
     except StopIteration:
         raise ReaudioError(f"manifest {path} is empty: it needs a header row with an audio path column "
-                           f"({' | '.join(PATH_COLUMNS)}) and a caption column ({' | '.join(CAPTION_COLUMNS)})") from None
+                           f"({' | '.join(PATH_COLUMNS)}) and a caption column "
+                           f"({' | '.join(CAPTION_COLUMNS)})") from None
     except csv.Error as exc:
         raise ReaudioError(f"manifest {path}: not a readable CSV ({exc})") from None
     if _bad_bytes(",".join(header)):
@@ -381,7 +382,8 @@ def _check_settings(cfg: dict) -> dict:
         raise ReaudioError(f"database.batch_size must be an integer >= 1, got {db['batch_size']!r}")
     needs_audio = db["key"] == "audio" or "audio" in db["neighbour_modality"]
     if needs_audio and cfg.get("audio_encoder") is None:
-        what = "database.key=audio" if db["key"] == "audio" else f"database.neighbour_modality={db['neighbour_modality']}"
+        what = ("database.key=audio" if db["key"] == "audio"
+                else f"database.neighbour_modality={db['neighbour_modality']}")
         names = get_registry().names("audio_encoder")
         raise ReaudioError(f"{what} needs audio embeddings, but no audio_encoder is configured; add one "
                            f"(e.g. audio_encoder={names[0] if names else 'clap'}; available: "
@@ -417,7 +419,8 @@ class Database:
         """
         root = Path(directory)
         if not root.exists():
-            raise ReaudioError(f"no database at {root}: build one with `reaudio index build --manifest CSV --out {root}`")
+            raise ReaudioError(f"no database at {root}: build one with "
+                               f"`reaudio index build --manifest CSV --out {root}`")
         version = _current(root)
         if version is None:
             if _versions(root) or any(p.name.startswith(".tmp-") for p in root.iterdir()):
@@ -592,7 +595,8 @@ class Database:
 
     def feature_names(self) -> list[str]:
         d = self.version_dir / "features"
-        return sorted(p.name for p in d.iterdir() if (p / "meta.json").is_file()) if d.is_dir() else []
+        return sorted(p.name for p in d.iterdir()
+                      if not p.name.startswith(".") and (p / "meta.json").is_file()) if d.is_dir() else []
 
     def save_features(self, name: str, arrays, info: dict | None = None) -> None:
         """Cache per-item arrays (e.g. caption states and masks of a caption encoder) under ``name``.
@@ -611,7 +615,8 @@ class Database:
                 raise ReaudioError(f"feature array name {key!r}: use letters, digits and . _ + -")
             a = a.detach().cpu().numpy() if torch.is_tensor(a) else np.asarray(a)
             if a.ndim < 1 or len(a) != len(self):
-                raise ReaudioError(f"feature array '{key}' has shape {a.shape}; it needs one row per item ({len(self)})")
+                raise ReaudioError(f"feature array '{key}' has shape {a.shape}; "
+                                   f"it needs one row per item ({len(self)})")
             clean[str(key)] = np.ascontiguousarray(a)
         base = self.version_dir / "features"
         base.mkdir(exist_ok=True)
@@ -711,7 +716,8 @@ def _embed_rows(rows: list[_Row], cfg: dict, text_enc, audio_enc, seen: dict, pr
     return items, text, audio, skipped
 
 
-def exact_neighbours(queries: np.ndarray, keys: np.ndarray, k: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def exact_neighbours(queries: np.ndarray, keys: np.ndarray, k: int,
+                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of ``keys`` for every row of ``queries`` (row i is item i), item i itself
     excluded (by id, so an identical duplicate still counts as a neighbour). Ties: lower id first.
     Returns ``(ids [N, k] int64, scores [N, k] float32)`` padded with -1 / -inf."""
@@ -762,7 +768,8 @@ def _write_version(root: Path, cfg: dict, items: list[dict], text: np.ndarray, a
         index.save(tmp / "index")
         with open(tmp / "items.jsonl", "w", encoding="utf-8") as f:
             for i, item in enumerate(items):
-                f.write(json.dumps({"id": i, **{k: v for k, v in item.items() if k != "id"}}, ensure_ascii=False) + "\n")
+                row = {"id": i, **{k: v for k, v in item.items() if k != "id"}}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
         save_config(cfg, tmp)
         report.version = version
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
@@ -872,7 +879,6 @@ def add_to_database(db_dir: str | Path, manifests: Sequence[str | Path], progres
         rows, skipped, n_rows = rows + r, skipped + s, n_rows + n
     text_enc = _component("text_encoder", cfg["text_encoder"])
     audio_enc = _component("audio_encoder", cfg.get("audio_encoder"))
-    old.check_query_encoder(text_enc) if old.key == "text" else None
     if text_enc.dim != old.meta["text"]["dim"]:
         raise ReaudioError(f"text_encoder {cfg['text_encoder']['name']!r} now gives {text_enc.dim}-d embeddings; "
                            f"{root} holds {old.meta['text']['dim']}-d ones. Rebuild with `reaudio index build`.")

@@ -7,8 +7,8 @@ Both commands run unchanged under ``torchrun --nproc_per_node N``: :func:`init` 
 The data-parallel recipe for embedding a corpus too large for one process
 (:func:`build_database_distributed`): every rank reads and embeds a contiguous shard of the
 manifest rows, the shards are gathered in row order on rank 0, and rank 0 alone writes the
-database through :func:`reaudio_core.database.write_database` (one index, one neighbour table),
-exactly as a single-process build of the same rows would.
+database through :func:`reaudio_core.database.build_database` (``embedded=``: one index over all
+vectors, one exact neighbour table), exactly as a single-process build of the same rows would.
 """
 from __future__ import annotations
 
@@ -119,15 +119,6 @@ def all_reduce_mean(env: DistEnv, values: torch.Tensor) -> torch.Tensor:
     v = values.detach().clone().to(env.device)
     dist.all_reduce(v, op=dist.ReduceOp.SUM)
     return (v / env.world).cpu()
-
-
-def any_rank(env: DistEnv, flag: bool) -> bool:
-    """True when ``flag`` is true on any rank (all ranks get the same answer)."""
-    if not env.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 def map_sharded(env: DistEnv, items: Sequence, fn: Callable[[Sequence], Any]) -> list[Any]:

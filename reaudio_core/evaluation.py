@@ -290,7 +290,10 @@ def evaluate(generated: str | Path, reference: str | Path, *, features: Any = "e
     elif clap is None:
         from .registry import get_registry
         if "clap" in get_registry().names("feature_model"):
-            clap_model = _model("clap")
+            try:
+                clap_model = _model("clap")
+            except (ReaudioError, OSError) as exc:  # e.g. no CLAP weights on this machine
+                clap_reason = f"the clap feature model could not be built: {exc}"
         else:
             clap_reason = "no CLAP feature model is registered (install/enable the clap plugin)"
     else:
@@ -382,10 +385,9 @@ def evaluate(generated: str | Path, reference: str | Path, *, features: Any = "e
             metrics["kl"] = float(kl.mean())
             for k, v in zip(pairs, kl):
                 items[k]["kl"] = float(v)
-            unpaired = len(gen) - len(pairs)
-            if unpaired:
-                notes.append(f"KL over {len(pairs)} pairs; {unpaired} generated and {len(ref) - len(pairs)} "
-                             "reference clips have no partner of the same name")
+            if len(pairs) < max(len(gen), len(ref)):
+                notes.append(f"KL over {len(pairs)} pairs; {len(gen) - len(pairs)} generated and "
+                             f"{len(ref) - len(pairs)} reference clips have no partner of the same name")
         if len(gen) < is_splits:
             not_computed["is"] = (f"IS needs at least {is_splits} generated clips (one per split, {is_splits} "
                                   f"splits); got {len(gen)}")

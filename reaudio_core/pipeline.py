@@ -77,6 +77,8 @@ def clean_prompt(prompt: str) -> tuple[str, list[str]]:
 
 
 class ReAudioPipeline:
+    model_dir: Path | None = None
+
     def __init__(self, cfg: dict, components: dict, database=None):
         self.cfg = cfg
         self.text_encoder = components["text_encoder"]
@@ -126,7 +128,9 @@ class ReAudioPipeline:
                                    "(built with `reaudio index build`) or set generation.database")
             from .database import Database
             database = Database.open(db)
-        return cls(cfg, components, database)
+        pipe = cls(cfg, components, database)
+        pipe.model_dir = model_dir
+        return pipe
 
     @classmethod
     def from_preset(cls, preset: str, overrides: Sequence[str] = (), files: Sequence[str] = (), **kw):
@@ -215,7 +219,35 @@ class ReAudioPipeline:
 
     def _feature_key(self, stream: str) -> str:
         slot = "caption_encoder" if stream == "caption" else "audio_encoder"
-        return feature_key(self.cfg, slot)
+        weights = self.model_dir / slot / "model.safetensors" if self.model_dir else None
+        return feature_key(self.cfg, slot, weights if weights is not None and weights.exists() else None)
+
+    def cache_features(self, batch_size: int = 16, progress: bool = True) -> list[str]:
+        """Precompute neighbour features of every database item into the database, so generation
+        does not re-run the caption / audio encoders on neighbours. Returns the feature names written."""
+        from .audio import load_audio
+        if self.database is None:
+            raise ReaudioError("no database to cache features into")
+        written = []
+        items = self.database.items
+        jobs = [("caption", self.caption_encoder), ("audio", self.audio_encoder)]
+        for stream, encoder in jobs:
+            if encoder is None:
+                continue
+            states, masks = [], []
+            for i in tqdm(range(0, len(items), batch_size), desc=f"{stream} features", disable=not progress):
+                batch = items[i:i + batch_size]
+                if stream == "caption":
+                    s, m = encoder.encode_tokens([it["caption"] for it in batch],
+                                                 max_tokens=self.cfg["generation"]["caption_tokens"])
+                else:
+                    s, m = encoder.encode_tokens([load_audio(it["path"]) for it in batch])
+                states.append(s.numpy().astype(np.float32))
+                masks.append(m.numpy())
+            name = self._feature_key(stream)
+            self.database.save_features(name, {"states": np.concatenate(states), "mask": np.concatenate(masks)})
+            written.append(name)
+        return written
 
     def condition(self, prompts: list[str], k: int) -> tuple[Conditioning, Conditioning, list[list[dict]]]:
         """(conditional, unconditional, neighbours) for a batch of prompts (reference section 3)."""
@@ -363,10 +395,15 @@ class ReAudioPipeline:
         return self._rerank_text.embed(prompts)
 
 
-def feature_key(cfg: dict, slot: str) -> str:
-    """Name under which a database caches neighbour features of the encoder in ``slot``."""
+def feature_key(cfg: dict, slot: str, weights: Path | None = None) -> str:
+    """Name under which a database caches neighbour features of the encoder in ``slot``: the
+    component's name, a hash of its parameters, and of its weights file when it has one."""
     import hashlib
     import json
     entry = cfg[slot]
-    digest = hashlib.sha1(json.dumps(entry, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"{slot}-{entry['name']}-{digest}"
+    h = hashlib.sha1(json.dumps(entry, sort_keys=True, default=str).encode())
+    if slot == "caption_encoder":
+        h.update(str(cfg["generation"]["caption_tokens"]).encode())
+    if weights is not None:
+        h.update(hashlib.sha1(Path(weights).read_bytes()).digest())
+    return f"{slot}-{entry['name']}-{h.hexdigest()[:12]}"

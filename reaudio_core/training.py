@@ -69,6 +69,9 @@ class NonFiniteLoss(ReaudioError):
 # ---------------------------------------------------------------------------------------------
 # determinism helpers
 # ---------------------------------------------------------------------------------------------
+GLOBAL_SLOT = 1 << 30  #: step_seed slot of the global torch RNG (slots 1..batch are the items' crops)
+
+
 def step_seed(seed: int, step: int, rank: int = 0, slot: int = 0) -> int:
     """A 63-bit seed that depends only on ``(seed, step, rank, slot)``."""
     state = np.random.SeedSequence([int(seed), int(step), int(rank), int(slot)]).generate_state(2, np.uint32)
@@ -273,11 +276,13 @@ def scan_clips(clips: list[Clip], min_duration: float, keep_audio: bool, env: di
 
 
 def crop_waveform(wav: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
-    """A random ``samples``-long segment (zero-padded at the end when the clip is shorter)."""
+    """The reference training segment: a random ``samples``-long crop, normalised (mean 0, peak 0.5),
+    then zero-padded at the end when the clip is shorter (ALDM-T's order: crop, normalise, pad)."""
     if len(wav) > samples:
         start = int(rng.integers(0, len(wav) - samples + 1))
         wav = wav[start:start + samples]
-    elif len(wav) < samples:
+    wav = normalise_waveform(np.ascontiguousarray(wav, dtype=np.float32))
+    if len(wav) < samples:
         wav = np.pad(wav, (0, samples - len(wav)))
     return np.ascontiguousarray(wav, dtype=np.float32)
 
@@ -310,7 +315,6 @@ class ClipDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         pos, seed = key
         wav = crop_waveform(self.waveform(pos), self.samples, np.random.default_rng(seed))
-        wav = normalise_waveform(wav)
         item = {"pos": pos}
         if self.want_mel:
             item["mel"] = waveform_to_mel(torch.from_numpy(wav)[None])[0]
@@ -396,21 +400,11 @@ def torch_module(component, what: str) -> nn.Module:
     raise ReaudioError(f"{what} {type(component).__name__} exposes no torch module to train")
 
 
-def load_or_build(cfg: dict, slot: str, pretrained: dict):
-    """Component in ``slot``: ``from_pretrained(training.pretrained[slot])`` when given, else built."""
-    entry = cfg.get(slot)
-    if entry is None:
-        return None
-    path = pretrained.get(slot)
-    if path:
-        spec = get_registry().spec(SLOTS[slot], entry["name"])
-        if not hasattr(spec.cls, "from_pretrained"):
-            raise ReaudioError(f"training.pretrained.{slot}: {SLOTS[slot]} '{entry['name']}' has no weights to load")
-        if not Path(path).is_dir():
-            raise ReaudioError(f"training.pretrained.{slot}={path} is not a directory (expected a save_pretrained "
-                               f"folder, e.g. OUT/final/{slot} of an earlier `reaudio train`)")
-        return spec.cls.from_pretrained(path)
-    return build(cfg, slot)
+def load_or_build(cfg: dict, slot: str):
+    """The component in ``slot``, built from its entry. Weights come through the component's own
+    parameters (``checkpoint: DIR`` for vae, hifigan, unet-ldm; ``weights: DIR`` for vae-latent), e.g.
+    ``decoder: {name: vae, params: {checkpoint: runs/offline-vae/final/decoder}}``."""
+    return build(cfg, slot) if cfg.get(slot) is not None else None
 
 
 def _params_of(component) -> dict | None:
@@ -421,6 +415,33 @@ def _params_of(component) -> dict | None:
         if isinstance(value, dict):
             return dict(value)
     return None
+
+
+def component_fingerprint(component) -> str:
+    """SHA-1 over the weights of every torch module a component holds (its attributes, one level deep),
+    plus its class name: identifies cached features computed by these exact weights."""
+    import hashlib
+    h = hashlib.sha1(type(component).__name__.encode())
+    modules = [component] if isinstance(component, nn.Module) else []
+    for name in sorted(vars(component)) if not isinstance(component, nn.Module) else []:
+        value = getattr(component, name)
+        if isinstance(value, nn.Module):
+            modules.append(value)
+        elif hasattr(value, "__dict__") and not isinstance(value, type):  # e.g. a wrapped VAE component
+            modules += [v for _, v in sorted(vars(value).items()) if isinstance(v, nn.Module)]
+    for module in modules:
+        for key, tensor in module.state_dict().items():
+            h.update(key.encode())
+            h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def feature_info(db, key: str) -> dict:
+    """The ``info`` a feature cache was saved with (``features/NAME/meta.json``), or {}."""
+    try:
+        return json.loads((db.version_dir / "features" / key / "meta.json").read_text(encoding="utf-8")).get("info") or {}
+    except (OSError, ValueError):
+        return {}
 
 
 def move_component(component, device: torch.device) -> None:
@@ -578,10 +599,6 @@ class Stage:
 
     def __init__(self, cfg: dict, env: distributed.DistEnv, progress: bool):
         self.cfg, self.t, self.env, self.progress = cfg, cfg["training"], env, progress
-        self.pretrained = dict(self.t.get("pretrained") or {})
-        unknown = set(self.pretrained) - set(SLOTS)
-        if unknown:
-            raise ReaudioError(f"training.pretrained: unknown slot(s) {sorted(unknown)}; known: {', '.join(SLOTS)}")
         self.skipped: list[tuple[str, str]] = []
 
     # data ----------------------------------------------------------------------------------
@@ -635,7 +652,7 @@ class VaeStage(Stage):
         if cfg.get("decoder") is None:
             raise ReaudioError("the vae stage trains the decoder slot: set decoder (e.g. decoder: vae)")
         clips = self.clips()
-        self.decoder = load_or_build(cfg, "decoder", self.pretrained)
+        self.decoder = load_or_build(cfg, "decoder")
         self.dataset = self.make_dataset(clips, multiple=self.decoder.compression)
         self.objective = VaeObjective(self.decoder, self.t["recon_loss"], float(self.t["kl_weight"]))
 
@@ -671,7 +688,7 @@ class VocoderStage(Stage):
         if cfg.get("vocoder") is None:
             raise ReaudioError("the vocoder stage trains the vocoder slot: set vocoder (e.g. vocoder: hifigan)")
         clips = self.clips()
-        self.vocoder = load_or_build(cfg, "vocoder", self.pretrained)
+        self.vocoder = load_or_build(cfg, "vocoder")
         self.dataset = self.make_dataset(clips, want_wave=True)
         if not hasattr(self.vocoder, "save_pretrained"):
             raise ReaudioError(f"vocoder '{cfg['vocoder']['name']}' has no weights to train")
@@ -694,7 +711,7 @@ class LdmStage(Stage):
     """
 
     name = "ldm"
-    export_slots = ("decoder", "vocoder", "audio_encoder", "denoiser")
+    export_slots = ("decoder", "vocoder", "denoiser")  # audio_encoder keeps its entry: the feature-cache key
 
     def __init__(self, cfg, env, progress):
         super().__init__(cfg, env, progress)
@@ -714,15 +731,18 @@ class LdmStage(Stage):
             raise ReaudioError(f"generation.k must be >= 1, got {self.k}")
         # components --------------------------------------------------------------------------
         self.text_encoder = build(cfg, "text_encoder")
-        self.decoder = load_or_build(cfg, "decoder", self.pretrained)
-        if "decoder" not in self.pretrained and hasattr(self.decoder, "save_pretrained"):
-            raise ReaudioError("the ldm stage needs a trained VAE: set training.pretrained.decoder=DIR "
+        self.decoder = load_or_build(cfg, "decoder")
+        if "checkpoint" in cfg["decoder"]["params"] and not cfg["decoder"]["params"]["checkpoint"]:
+            raise ReaudioError("the ldm stage needs a trained VAE: set decoder.params.checkpoint=DIR "
                                "(OUT/final/decoder of `reaudio train` with training.stage=vae)")
-        self.vocoder = load_or_build(cfg, "vocoder", self.pretrained)
-        self.denoiser = load_or_build(cfg, "denoiser", self.pretrained)
+        self.vocoder = load_or_build(cfg, "vocoder")
+        self.denoiser = load_or_build(cfg, "denoiser")
         d = self.denoiser
-        self.caption_encoder = load_or_build(cfg, "caption_encoder", self.pretrained) if d.text_dim else None
-        self.audio_encoder = load_or_build(cfg, "audio_encoder", self.pretrained) if d.audio_dim else None
+        self.caption_encoder = None
+        if d.text_dim:  # often the prompt encoder itself (offline: MiniLM for both): build it once
+            self.caption_encoder = (self.text_encoder if cfg.get("caption_encoder") == cfg["text_encoder"]
+                                    else load_or_build(cfg, "caption_encoder"))
+        self.audio_encoder = load_or_build(cfg, "audio_encoder") if d.audio_dim else None
         self._check_wiring()
         # data ------------------------------------------------------------------------------
         excluded = set(self.t.get("exclude_labels") or [])
@@ -734,8 +754,7 @@ class LdmStage(Stage):
         self.dataset = self.make_dataset(clips, multiple=self.decoder.compression * self.denoiser.downsample)
         self.dataset.want_mel = not self.t["cache_latents"]
         self.features()
-        from .pipeline import make_scheduler  # noqa: F401  (same schedule family as sampling)
-        from diffusers import DDPMScheduler
+        from diffusers import DDPMScheduler  # the training-noise schedule of pipeline.make_scheduler's samplers
         dcfg = cfg["diffusion"]
         self.scheduler = DDPMScheduler(num_train_timesteps=dcfg["num_train_timesteps"], beta_start=dcfg["beta_start"],
                                        beta_end=dcfg["beta_end"], beta_schedule=dcfg["beta_schedule"],
@@ -807,11 +826,12 @@ class LdmStage(Stage):
             self.caption_feats = self.cached_features(
                 feature_key(self.cfg, "caption_encoder"),
                 lambda part: self.caption_encoder.encode_tokens([it.get("caption") or "" for it in part],
-                                                                max_tokens=n_tok), "caption states")
+                                                                max_tokens=n_tok), "caption states",
+                self.caption_encoder)
             self.empty_caption = uncond.captions[0, :n_tok], uncond.caption_mask[0, :n_tok]
         if d.audio_dim and retrieval in ("audio", "audio+text"):
             self.audio_feats = self.cached_features(feature_key(self.cfg, "audio_encoder"),
-                                                    self._audio_tokens, "audio tokens")
+                                                    self._audio_tokens, "audio tokens", self.audio_encoder)
 
     def _audio_tokens(self, part):
         from .audio import AudioProblem, load_audio
@@ -826,10 +846,20 @@ class LdmStage(Stage):
             masks.append(m)
         return torch.cat(states), torch.cat(masks)
 
-    def cached_features(self, key: str, compute, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def cached_features(self, key: str, compute, what: str, encoder) -> tuple[torch.Tensor, torch.Tensor]:
         """``(states [N_db, L, d], mask [N_db, L])`` for every database item, from the database's
-        feature cache or computed (sharded over ranks) and saved into it by rank 0."""
+        feature cache or computed (sharded over ranks) and saved into it by rank 0.
+
+        The cache records a fingerprint of the encoder's weights; a cache written by other weights
+        under the same configuration (e.g. a retrained VAE at the same path) is recomputed, never reused.
+        """
+        fp = component_fingerprint(encoder)
         cached = self.db.features(key)
+        if cached is not None and feature_info(self.db, key).get("fingerprint") != fp:
+            if self.env.is_main:
+                print(f"note: cached feature '{key}' was computed with other weights: recomputing it",
+                      file=sys.stderr)
+            cached = None
         if cached is None:
             items = list(self.db.items)
             if self.env.is_main:
@@ -849,25 +879,29 @@ class LdmStage(Stage):
             states = np.concatenate([s[0] for s in shards])
             mask = np.concatenate([s[1] for s in shards])
             if self.env.is_main:
-                self.db.save_features(key, {"states": states, "mask": mask}, info={"what": what})
+                self.db.save_features(key, {"states": states, "mask": mask}, info={"what": what, "fingerprint": fp})
             distributed.barrier(self.env)
             return torch.from_numpy(states), torch.from_numpy(mask)
-        return torch.from_numpy(np.asarray(cached["states"])).float(), torch.from_numpy(np.asarray(cached["mask"])).bool()
+        return torch.from_numpy(np.array(cached["states"], dtype=np.float32)), torch.from_numpy(np.array(cached["mask"], dtype=bool))
 
     def cache_latents(self) -> None:
-        """Encode every training clip's first crop once (posterior mean): no per-step VAE encoder."""
+        """Encode every training clip's first crop once (posterior mean): no VAE encoder per step.
+        The ranks encode a shard each and share the results."""
         from tqdm.auto import tqdm
         ds = self.dataset
-        rng = np.random.default_rng(0)
-        lat = []
-        with torch.no_grad():
-            for pos in tqdm(range(len(ds)), desc="encoding latents", disable=not (self.progress and self.env.is_main),
-                            leave=False):
-                wav = ds.waveform(pos)[:ds.samples]
-                wav = normalise_waveform(crop_waveform(wav, ds.samples, rng))
-                mel = waveform_to_mel(torch.from_numpy(wav)[None])
-                lat.append(self.decoder.encode(mel, sample=False).float())
-        self.latents = torch.cat(lat)
+
+        def encode(positions):
+            out = []
+            with torch.no_grad():
+                for pos in tqdm(positions, desc="encoding latents", leave=False,
+                                disable=not (self.progress and self.env.is_main)):
+                    wav = crop_waveform(ds.waveform(pos)[:ds.samples], ds.samples, np.random.default_rng(0))
+                    mel = waveform_to_mel(torch.from_numpy(wav)[None])
+                    out.append(self.decoder.encode(mel.to(self.env.device), sample=False).float().cpu())
+            return torch.cat(out) if out else None
+
+        shards = distributed.map_sharded(self.env, list(range(len(ds))), encode)
+        self.latents = torch.cat([s for s in shards if s is not None])
 
     # per batch ---------------------------------------------------------------------------------
     def condition(self, pos: torch.Tensor) -> Conditioning:
@@ -1169,13 +1203,14 @@ class Trainer:
         t0 = time.perf_counter()
         t_window, n_window = time.perf_counter(), 0
         trained_samples = 0
-        first_keys = None
         bar = tqdm(total=stop, initial=min(start, stop), desc=f"train {t['stage']}", unit="step",
                    disable=not (self.progress and env.is_main), dynamic_ncols=True)
         try:
             for step, batch in zip(range(start, stop), self.loader(start, stop)):
-                seed = step_seed(t["seed"], step, env.rank)
-                torch.manual_seed(seed)  # any randomness inside components (dropout, posterior sampling)
+                seed = step_seed(t["seed"], step, env.rank)  # the objective's generator (noise, t, dropout)
+                # a separate stream for randomness inside components (dropout layers, VAE posterior
+                # sampling in LdmStage.prepare): never the same numbers as the diffusion noise
+                torch.manual_seed(step_seed(t["seed"], step, env.rank, GLOBAL_SLOT))
                 inputs = self.stage.prepare(batch, env.device)
                 with autocast_context(t["precision"], env.device):
                     losses = self.model(inputs, seed)
@@ -1216,8 +1251,6 @@ class Trainer:
                 n_window += n
                 last_loss = values["loss"]
                 window.append(last_loss)
-                if step == start and t["stage"] == "vae":
-                    first_keys = batch
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4g}")
                 if done % t["log_every"] == 0 or done == stop:
@@ -1235,7 +1268,7 @@ class Trainer:
                     import signal
                     os.kill(os.getpid(), signal.SIGKILL)
             seconds = time.perf_counter() - t0
-            final = self.finish(stop, first_keys)
+            final = self.finish()
             last_ckpt = self.checkpoint(stop) if start < stop or last_ckpt is None else last_ckpt
         finally:
             bar.close()
@@ -1244,7 +1277,7 @@ class Trainer:
                            trained_samples / seconds if trained_samples and seconds > 0 else None,
                            self.stage.skipped, last_ckpt if env.is_main else None, self.extra_state())
 
-    def finish(self, stop: int, first_batch) -> Path | None:
+    def finish(self) -> Path | None:
         """Stage-specific end work (VAE scale factor) and the final export (rank 0)."""
         t, env = self.t, self.env
         use_ema = self.ema is not None and t["export_ema"]
@@ -1252,10 +1285,9 @@ class Trainer:
             self.ema.store(self.params)
             self.ema.copy_to(self.params)
         try:
-            if isinstance(self.stage, VaeStage):
-                if first_batch is None:  # resumed at or past the end: measure on the first batch of the run
-                    sampler = StepBatches(len(self.stage.dataset), t["batch_size"], self.env, t["seed"], 0, 1)
-                    first_batch = collate([self.stage.dataset[key] for key in next(iter(sampler))])
+            if isinstance(self.stage, VaeStage):  # on the batch of step 0, whether or not the run was resumed
+                sampler = StepBatches(len(self.stage.dataset), t["batch_size"], self.env, t["seed"], 0, 1)
+                first_batch = collate([self.stage.dataset[key] for key in next(iter(sampler))])
                 mel = first_batch["mel"].to(env.device)
                 self.stage.finish({"mel": mel}, step_seed(t["seed"], 0, env.rank, 99))
             final = None
@@ -1297,9 +1329,11 @@ def train(cfg: dict, out: str | Path | None = None, resume: bool = False, progre
     cfg = copy.deepcopy(cfg)
     cfg["training"]["out"] = str(out)
     env = distributed.init(t.get("device", "auto"))
+    threads = torch.get_num_threads()
     try:
         trainer = Trainer(cfg, Path(out), env, progress)
         result = trainer.run(resume)
         return result if env.is_main else None
     finally:
+        torch.set_num_threads(threads)  # training.threads applies to this run only
         distributed.shutdown(env)

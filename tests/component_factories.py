@@ -17,6 +17,8 @@ TINY_PARAMS: dict[tuple[str, str], dict] = {
     ("vocoder", "hifigan"): {"upsample_initial_channel": 32, "resblock_kernel_sizes": [3],
                              "resblock_dilation_sizes": [[1, 3, 5]]},
     ("vocoder", "griffin-lim"): {"n_iter": 4},
+    # denoiser: 32 x [1, 2, 3, 5] channels, 1 res block, 16-wide heads (x8 downsampling), both retrieval streams
+    ("denoiser", "unet-ldm"): {"size": "tiny", "prompt_dim": 16, "text_dim": 24, "audio_dim": 20},
     # audio encoder: an untrained tiny VAE (the vae entry above), 4 tokens of 8 * 16 = 128 values
     ("audio_encoder", "vae-latent"): {"vae": {"block_out_channels": [8, 16, 16], "layers_per_block": 1,
                                               "latent_channels": 8, "norm_num_groups": 4}, "num_tokens": 4},
@@ -29,6 +31,12 @@ TINY_PARAMS: dict[tuple[str, str], dict] = {
     ("text_encoder", "openclip"): {"pretrained": None, "random_init": True, "size": "tiny"},
     ("audio_encoder", "clap"): {"pretrained": None, "random_init": True, "size": "tiny"},
     ("audio_encoder", "audiomae"): {"pretrained": None, "random_init": True, "size": "tiny"},
+    # feature models (evaluation): vggish / panns-cnn14 at their published size with random weights (the
+    # architecture is the checkpoint layout); esc50-classifier is the shipped offline model; clap as above
+    ("feature_model", "vggish"): {"allow_random": True},
+    ("feature_model", "panns-cnn14"): {"allow_random": True},
+    ("feature_model", "esc50-classifier"): {},
+    ("feature_model", "clap"): {"pretrained": None, "random_init": True, "size": "tiny"},
 }
 
 

@@ -151,8 +151,9 @@ def test_manifest_column_aliases(tmp_path):
     assert row.caption == "First, with a comma." and row.label is None  # one item per clip: caption_1
 
 
-@pytest.mark.parametrize("header,missing", [("path,label", "caption column"), ("caption,label", "audio path column"),
-                                            ("label", r"lacks an audio path column \(path \| file \| audio\) and a caption column")])
+@pytest.mark.parametrize("header,missing", [
+    ("path,label", "caption column"), ("caption,label", "audio path column"),
+    ("label", r"lacks an audio path column \(path \| file \| audio\) and a caption column")])
 def test_manifest_missing_column_is_a_clear_error(tmp_path, capsys, header, missing):
     m = write_csv(tmp_path / "m.csv", header, [",".join(["x"] * len(header.split(",")))])
     with pytest.raises(ReaudioError, match=missing) as exc:
@@ -231,12 +232,13 @@ def test_exact_neighbours_ties_and_small_sets():
     assert (ids == -1).all() and np.isneginf(scores).all()
 
 
-def test_incremental_add(tmp_path, warm_minilm):
+def test_incremental_add(tmp_path, capsys, warm_minilm):
     build_database([small_manifest(tmp_path, CAPTIONS[:3])], tmp_path / "db", cfg_for(), progress=False)
     before = Database.open(tmp_path / "db")
     old_emb = np.array(before.embeddings("text"))
     before.save_features("cache", np.arange(3))
-    more = small_manifest(tmp_path, CAPTIONS[1:] + [("wind.wav", "wind blowing through trees", "wind", 2700)], "more.csv")
+    wind = ("wind.wav", "wind blowing through trees", "wind", 2700)
+    more = small_manifest(tmp_path, CAPTIONS[1:] + [wind], "more.csv")
     with open(more, "a") as f:
         f.write("audio/gone.wav,a clip that is not there,x\n")
     report = add_to_database(tmp_path / "db", [more], progress=False)
@@ -254,6 +256,9 @@ def test_incremental_add(tmp_path, warm_minilm):
     assert before.features("cache") is not None  # the previous version is kept for open readers
     again = add_to_database(tmp_path / "db", [more], progress=False)
     assert again.added == 0 and "nothing added" in again.summary()
+    capsys.readouterr()
+    assert cli.main(["index", "add", "--db", str(tmp_path / "db"), "--manifest", str(more), "--quiet"]) == 0
+    assert "nothing added" in capsys.readouterr().out
     assert Database.open(tmp_path / "db").version == "v0002"
 
 
@@ -336,10 +341,12 @@ def test_open_errors(tmp_path):
         build_database([write_csv(tmp_path / "m.csv", "path,caption", [])], tmp_path / "plain", cfg_for(), False)
 
 
-def test_write_manifest(tmp_path, shared_data):
+def test_write_manifest(tmp_path, capsys, shared_data):
     esc, clotho = shared_data / "esc50-fold4" / "metadata.csv", shared_data / "clotho-demo" / "captions.csv"
     out = tmp_path / "sub" / "manifest.csv"
     assert write_manifest([esc, clotho], out) == 407
+    assert cli.main(["manifest", str(esc), str(clotho), "-o", str(tmp_path / "cli.csv")]) == 0
+    assert "wrote 407 rows" in capsys.readouterr().out
     rows, skipped, n = read_manifest(out)
     assert n == 407 and not skipped and all(Path(r.path).exists() for r in rows)
     assert not Path(rows[0].file).is_absolute()
@@ -349,7 +356,7 @@ def test_write_manifest(tmp_path, shared_data):
 # -- kill -9 -----------------------------------------------------------------------------
 def start_build(manifest: Path, out: Path, stage: str) -> subprocess.Popen:
     env = {**os.environ, PAUSE_ENV: stage, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "REAUDIO_PLUGINS": "minilm,torch-retriever"}
+           "REAUDIO_PLUGINS": "minilm,torch-retriever", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "reaudio_core.cli", "index", "build", "--manifest", str(manifest),
                              "--out", str(out), "--quiet", "retriever=torch"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)

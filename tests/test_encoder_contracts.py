@@ -115,7 +115,7 @@ def test_audio_tokens(name, clips):
     assert mask.shape == (3, enc.num_tokens) and mask.dtype == torch.bool and mask.any(1).all()
     assert not tokens[~mask].any()
     assert torch.isfinite(tokens).all()
-    assert torch.equal(tokens, enc.encode_tokens(clips)[0])
+    assert torch.equal(tokens[2:], enc.encode_tokens(clips[2:])[0]), "deterministic, whatever the batch"
 
 
 @pytest.mark.parametrize("name", AUDIO)
@@ -132,5 +132,5 @@ def test_save_pretrained_round_trip(kind, name, tmp_path, clips):
         pytest.skip(f"{kind} {name} has no weights of its own to save")
     enc.save_pretrained(tmp_path / "saved")
     again = type(enc).from_pretrained(tmp_path / "saved")
-    data = clips if kind == "audio_encoder" else TEXTS
+    data = clips[::2] if kind == "audio_encoder" else TEXTS
     assert torch.equal(again.embed(data), enc.embed(data))

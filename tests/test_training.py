@@ -5,7 +5,7 @@ through real subprocesses (`python -m reaudio_core.cli`, `torchrun --nproc_per_n
 """
 import json
 import os
-import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +21,22 @@ from reaudio_core import training as T
 from reaudio_core.config import compose
 
 TINY_VAE = {"block_out_channels": [8, 16, 16], "layers_per_block": 1, "latent_channels": 8, "norm_num_groups": 4}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def run(args, env_extra=None, check=True, timeout=240):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(REPO), **(env_extra or {})}
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(REPO))
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
+    # own session: on a timeout the whole tree (torchrun and its workers) is killed, never left behind
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO),
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    proc = subprocess.CompletedProcess(args, proc.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}")
     return proc
@@ -42,6 +51,16 @@ def log_rows(out: Path) -> list[dict]:
 
 
 # -- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread in this process (and OMP_NUM_THREADS=1 in subprocesses): on a shared 2-core
+    machine, two spinning OpenMP threads per process make tiny models 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Six 1 s clips in three 'classes' (captions repeat per class), a manifest, and a manifest that
@@ -84,7 +103,7 @@ def vae_yaml(tmp: Path, manifest: Path, **training) -> Path:
     cfg = {"decoder": {"name": "vae", "params": TINY_VAE},
            "training": {"stage": "vae", "manifest": [str(manifest)], "batch_size": 2, "lr": 1e-3, "warmup_steps": 2,
                         "max_steps": 3, "checkpoint_every": 2, "log_every": 1, "crop_seconds": 0.32,
-                        "ema_decay": 0.9, **training}}
+                        "ema_decay": 0.9, "threads": 1, **training}}
     path = tmp / "vae.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -93,14 +112,14 @@ def vae_yaml(tmp: Path, manifest: Path, **training) -> Path:
 def ldm_yaml(tmp: Path, db: Path, vae: Path, **training) -> Path:
     cfg = {"text_encoder": "minilm", "caption_encoder": "minilm",
            "audio_encoder": {"name": "vae-latent", "params": {"weights": str(vae), "num_tokens": 4}},
-           "decoder": "vae",
+           "decoder": {"name": "vae", "params": {"checkpoint": str(vae)}},
            "denoiser": {"name": "unet-ldm", "params": {"size": "tiny", "prompt_dim": 384, "text_dim": 384,
                                                        "audio_dim": 128}},
            "vocoder": {"name": "griffin-lim", "params": {"n_iter": 2}},
            "generation": {"retrieval": "audio+text", "k": 2, "caption_tokens": 8, "duration": 0.32, "steps": 2},
-           "training": {"stage": "ldm", "database": str(db), "pretrained": {"decoder": str(vae)}, "batch_size": 2,
+           "training": {"stage": "ldm", "database": str(db), "batch_size": 2,
                         "lr": 1e-3, "warmup_steps": 2, "max_steps": 6, "checkpoint_every": 2, "log_every": 1,
-                        "crop_seconds": 0.32, "ema_decay": 0.99, **training}}
+                        "crop_seconds": 0.32, "ema_decay": 0.99, "threads": 1, **training}}
     path = tmp / "ldm.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -130,6 +149,30 @@ def test_vae_stage_skips_bad_audio_and_exports_scale_factor(tmp_path, data):
     assert vae.decode(vae.encode(mel)).shape == (1, 32, 64)
     state = T.load_checkpoint(T.list_checkpoints(tmp_path / "out")[-1][1])
     assert state["step"] == 3 and state["ema"] is not None and "python_state" in state["rng"]
+
+
+def test_vocoder_stage_gets_gradients_and_exports(tmp_path, data):
+    from reaudio_plugins.hifigan import HiFiGAN
+    cfg = {"vocoder": {"name": "hifigan", "params": {"upsample_initial_channel": 32, "resblock_kernel_sizes": [3],
+                                                     "resblock_dilation_sizes": [[1, 3, 5]]}},
+           "training": {"stage": "vocoder", "manifest": [str(data / "m.csv")], "batch_size": 2, "lr": 2e-4,
+                        "warmup_steps": 0, "max_steps": 2, "log_every": 1, "crop_seconds": 0.16, "ema_decay": 0,
+                        "threads": 1}}
+    (tmp_path / "voc.yaml").write_text(yaml.safe_dump(cfg))
+    T.train(compose(None, [tmp_path / "voc.yaml"]), tmp_path / "out", progress=False)
+    rows = log_rows(tmp_path / "out")
+    assert all(r["grad_norm"] > 0 and {"mel_l1", "stft"} <= set(r) for r in rows)  # an untrained, near-silent
+    voc = HiFiGAN.from_pretrained(tmp_path / "out" / "final" / "vocoder")       # generator still learns
+    assert voc(torch.zeros(1, 8, 64)).shape == (1, 1280)
+
+
+def test_precision_bf16_on_cpu_and_fp16_needs_cuda(tmp_path, data):
+    cfg = compose(None, [vae_yaml(tmp_path, data / "m.csv", max_steps=1, precision="bf16", ema_decay=0)])
+    result = T.train(cfg, tmp_path / "bf16", progress=False)
+    assert np.isfinite(result.last_loss)
+    cfg["training"]["precision"] = "fp16"
+    with pytest.raises(ReaudioError, match="fp16 needs CUDA"):
+        T.train(cfg, tmp_path / "fp16", progress=False)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch, capsys):
@@ -191,6 +234,17 @@ def test_rng_state_round_trip():
     assert torch.load(buf, weights_only=True)["numpy_pos"] == state["numpy_pos"]
 
 
+def test_training_crops_follow_the_reference_front_end():
+    rng = np.random.default_rng(0)
+    short = (0.2 + 0.1 * rng.standard_normal(1000)).astype(np.float32)  # DC offset, shorter than the crop
+    seg = T.crop_waveform(short, 1600, np.random.default_rng(1))
+    assert seg.shape == (1600,) and np.all(seg[1000:] == 0)  # normalised first, then zero-padded
+    assert abs(seg[:1000].mean()) < 1e-6 and np.abs(seg).max() == pytest.approx(0.5)
+    long = rng.standard_normal(50_000).astype(np.float32)
+    a, b = (T.crop_waveform(long, 1600, np.random.default_rng(s)) for s in (5, 5))
+    assert np.array_equal(a, b) and not np.array_equal(a, T.crop_waveform(long, 1600, np.random.default_rng(6)))
+
+
 def test_step_batches_resume_where_they_left_off():
     from reaudio_core.distributed import DistEnv
     full = list(T.StepBatches(7, 2, DistEnv(), seed=3, start=0, stop=10))
@@ -201,6 +255,16 @@ def test_step_batches_resume_where_they_left_off():
     r1 = list(T.StepBatches(8, 2, DistEnv(rank=1, world=2), seed=3, start=0, stop=2))
     ids = [i for b in r0 + r1 for i, _ in b]
     assert sorted(ids) == list(range(8))
+
+
+def test_component_fingerprint_follows_the_weights(vae_dir):
+    from reaudio_core import create
+    a = create("audio_encoder", "vae-latent", weights=str(vae_dir), num_tokens=4)
+    b = create("audio_encoder", "vae-latent", weights=str(vae_dir), num_tokens=4)
+    assert T.component_fingerprint(a) == T.component_fingerprint(b)
+    with torch.no_grad():
+        next(b.vae.model.encoder.parameters()).add_(1e-3)
+    assert T.component_fingerprint(a) != T.component_fingerprint(b)
 
 
 # -- vae-latent audio encoder ------------------------------------------------------------------------
@@ -221,6 +285,7 @@ def test_vae_latent_encoder(tmp_path, vae_dir):
     assert frames.shape == (20, 128)  # 80 mel frames -> 20 latent frames -> 4 tokens of 5 frames each
     assert torch.allclose(tokens[0], frames.reshape(4, 5, 128).mean(1), atol=1e-6)
     enc.save_pretrained(tmp_path / "ae")
+    assert sorted(p.name for p in (tmp_path / "ae" / "vae").iterdir()) == ["config.json", "encoder.safetensors"]
     again = VaeLatentEncoder.from_pretrained(tmp_path / "ae")
     assert torch.equal(again.encode_tokens(wavs)[0], tokens)
     assert enc.vae.scale_factor == again.vae.scale_factor == 0.9
@@ -231,17 +296,19 @@ def test_vae_latent_encoder(tmp_path, vae_dir):
 # -- the ldm stage: kill -9, resume, export ----------------------------------------------------------
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, db_dir, vae_dir):
     from safetensors.torch import load_file
-    cfg = ldm_yaml(tmp_path, db_dir, vae_dir)
-    cli("train", "--config", cfg, "--out", tmp_path / "straight", "--quiet")
-    killed = cli("train", "--config", cfg, "--out", tmp_path / "resumed", "--quiet",
-                 env_extra={T.KILL_HOOK: "5"}, check=False)
+    cfg = ldm_yaml(tmp_path, db_dir, vae_dir, max_steps=5)
+    T.train(compose(None, [cfg]), tmp_path / "straight", progress=False)  # uninterrupted, in this process
+    # the interrupted run loads data in a worker process: the batches must not depend on that
+    killed = cli("train", "--config", cfg, "--out", tmp_path / "resumed", "--quiet", "training.num_workers=1",
+                 env_extra={T.KILL_HOOK: "3"}, check=False)
     assert killed.returncode == -9, killed.stderr[-3000:]
-    assert [s for s, _ in T.list_checkpoints(tmp_path / "resumed")] == [2, 4]
+    assert [s for s, _ in T.list_checkpoints(tmp_path / "resumed")] == [2]
+    assert [r["step"] for r in log_rows(tmp_path / "resumed")] == [1, 2, 3]
     assert not (tmp_path / "resumed" / "final").exists()
     resumed = cli("train", "--config", cfg, "--out", tmp_path / "resumed", "--quiet", "--resume")
-    assert "(step 4)" in resumed.stderr
+    assert "(step 2)" in resumed.stderr
     a, b = log_rows(tmp_path / "straight"), log_rows(tmp_path / "resumed")
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
     for ra, rb in zip(a, b):
         assert ra["loss"] == rb["loss"], (ra, rb)  # bit-identical losses after resuming
     wa = load_file(tmp_path / "straight" / "final" / "denoiser" / "model.safetensors")
@@ -279,6 +346,11 @@ def test_ldm_conditioning_matches_the_pipeline(tmp_path, db_dir, vae_dir):
     assert stats["dropped_all"] == 1.0
     for f in ("prompt", "captions", "caption_mask", "audio", "audio_mask"):
         assert torch.equal(getattr(dropped, f), getattr(uncond, f).to(getattr(dropped, f).dtype)), f
+    # the caches record the weights they were computed with (a retrained encoder is never served stale)
+    from reaudio_core.pipeline import feature_key
+    for slot in ("caption_encoder", "audio_encoder"):
+        info = T.feature_info(stage.db, feature_key(cfg, slot))
+        assert info["fingerprint"] == T.component_fingerprint(getattr(stage, slot))
     # the cached caption states equal the caption encoder's own output for the neighbours
     nb = ids[0].tolist()
     states, mask = stage.caption_encoder.encode_tokens([stage.db.items[i]["caption"] for i in nb], max_tokens=8)
