@@ -312,7 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # prompts and key=value overrides may come after options: ``generate "a dog" --seed 1 generation.k=1``
+    target = "items" if hasattr(args, "items") else "overrides" if hasattr(args, "overrides") else None
+    unknown = [e for e in extra if e.startswith("-") or target is None]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        setattr(args, target, list(getattr(args, target) or []) + extra)
     try:
         return args.func(args) or 0
     except (ReaudioError, FileNotFoundError, ValueError) as exc:

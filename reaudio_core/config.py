@@ -91,14 +91,16 @@ def compose(preset: str | None = None, files: Iterable[str | Path] = (), overrid
         cfg = _merge(cfg, base)
     layers: list[dict] = []
     file_layers = [_load_file(f) for f in files]
-    dot = parse_dotlist(overrides)
+    # each dot-override is its own layer, applied in order: ``text_encoder=t5 text_encoder.params.x=1``
+    # first switches the component, then sets a parameter of the new one
+    dots = [parse_dotlist([item]) for item in overrides]
     # a preset may be named by the files or the dotlist too
-    for layer in [*file_layers, dot]:
+    for layer in [*file_layers, *dots]:
         preset = layer.pop("preset", preset) if isinstance(layer, dict) else preset
     if preset:
         layers.append(copy.deepcopy(reg.preset(preset)))
         layers[-1].pop("description", None)
-    layers += file_layers + [dot]
+    layers += file_layers + dots
     for layer in layers:
         cfg = _merge(cfg, layer)
     cfg["preset"] = preset

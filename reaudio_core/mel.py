@@ -143,9 +143,10 @@ def pad_or_crop(x, length: int, dim: int = -1, value: float = 0.0):
 @lru_cache(maxsize=8)
 def _mel_basis(device: str, dtype: torch.dtype) -> torch.Tensor:
     import torchaudio.functional as AF
-    fb = AF.melscale_fbanks(n_freqs=N_FFT // 2 + 1, f_min=F_MIN, f_max=F_MAX, n_mels=N_MELS,
-                            sample_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")  # [513, 64]
-    return fb.T.contiguous().to(device=device, dtype=dtype)
+    with torch.inference_mode(False):  # cached: must stay usable by autograd after an inference-mode call
+        fb = AF.melscale_fbanks(n_freqs=N_FFT // 2 + 1, f_min=F_MIN, f_max=F_MAX, n_mels=N_MELS,
+                                sample_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")  # [513, 64]
+        return fb.T.contiguous().to(device=device, dtype=dtype)
 
 
 def mel_basis(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -156,7 +157,8 @@ def mel_basis(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
 
 @lru_cache(maxsize=8)
 def _window(device: str) -> torch.Tensor:
-    return torch.hann_window(WIN_LENGTH, periodic=True, device=device)
+    with torch.inference_mode(False):  # cached: must stay usable by autograd after an inference-mode call
+        return torch.hann_window(WIN_LENGTH, periodic=True, device=device)
 
 
 def stft_magnitude(wav) -> torch.Tensor:

@@ -62,3 +62,11 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path)
     assert load_config(tmp_path) == cfg
     assert compose(None, [tmp_path / "config.yaml"]) == cfg
+
+
+def test_dot_overrides_apply_in_order_switch_then_params():
+    cfg = compose("tiny", [], ["text_encoder=t5", "text_encoder.params.max_length=7"])
+    assert cfg["text_encoder"]["name"] == "t5" and cfg["text_encoder"]["params"]["max_length"] == 7
+    # the reverse order: the switch drops parameters given for the previous component
+    cfg = compose("tiny", [], ["text_encoder.params.max_length=7", "text_encoder=t5"])
+    assert cfg["text_encoder"]["params"]["max_length"] == 50

@@ -150,3 +150,15 @@ def test_bad_waveforms_are_refused_clearly():
         M.log_mel(np.zeros((1, 2, 1000), np.float32))
     with pytest.raises(ReaudioError, match="empty"):
         M.log_mel(np.zeros(0, np.float32))
+
+
+def test_front_end_gradients_after_an_inference_mode_call():
+    """The cached window and filter bank must not become inference tensors (the vocoder stage
+    differentiates through the mel after generation ran under inference_mode in the same process)."""
+    from reaudio_core import mel as M
+    M._window.cache_clear(); M._mel_basis.cache_clear()
+    with torch.inference_mode():
+        M.log_mel(torch.randn(1, 1600))
+    wav = torch.randn(1, 1600, requires_grad=True)
+    M.log_mel(wav).sum().backward()
+    assert wav.grad is not None and torch.isfinite(wav.grad).all()
