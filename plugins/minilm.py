@@ -27,6 +27,8 @@ class MiniLMEncoder(TextEncoder):
 
     def __init__(self, *, model_path, device, batch_size, max_length):
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # a 0.1 s load needs no "Loading weights" bar in every command
         path = model_path or default_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()

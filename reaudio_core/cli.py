@@ -153,8 +153,11 @@ def cmd_generate(args) -> int:
         if args.png:
             from .plots import save_mel_png
             save_mel_png(path.with_suffix(".png"), result.mels[i], prompt, [n["caption"] for n in result.neighbours[i]])
-    save_config(pipe.cfg, out_dir) if not single else \
-        Path(str(out) + ".config.yaml").write_text(__import__("yaml").safe_dump(pipe.cfg, sort_keys=False))
+    if single:  # the resolved configuration beside the artefact
+        import yaml
+        Path(str(out) + ".config.yaml").write_text(yaml.safe_dump(pipe.cfg, sort_keys=False), encoding="utf-8")
+    else:
+        save_config(pipe.cfg, out_dir)
     return 0
 
 
@@ -203,6 +206,72 @@ def cmd_evaluate(args) -> int:
                       silence_db=defaults.get("silence_db", -70.0), use_cache=not args.no_cache,
                       progress=not args.quiet and not args.json)
     print(to_json(result) if args.json else to_markdown(result), end="" if not args.json else "\n")
+    return 0
+
+
+# -- experiment / long-tail report -------------------------------------------------------
+def cmd_experiment(args) -> int:
+    from .experiment import run_experiment
+    result = run_experiment(args.config, args.overrides, out=args.out, dry_run=args.dry_run,
+                            progress=not args.quiet)
+    if result is not None:
+        print(f"{result['out']}/table.md, results.json, k_sweep.png: {len(result['cells'])} cells "
+              f"(this run: ran {result['this_run']['ran']}, skipped {result['this_run']['skipped']})")
+    return 0
+
+
+def cmd_longtail(args) -> int:
+    import json as _json
+    from pathlib import Path
+
+    from . import longtail as L
+    matcher = None
+    if "audioset" in (args.train_labels, args.prompt_labels):
+        matcher = L.AudioSetMatcher.from_dir(args.audioset, args.audioset_source)
+    train = Path(args.train)
+    if train.is_dir():
+        from .database import Database
+        labels = L.labels_from_database(Database.open(train), matcher=matcher if args.train_labels == "audioset" else None)
+    else:
+        labels = L.labels_from_manifest(train, label_column=None if args.train_labels in ("column", "audioset")
+                                        else args.train_labels,
+                                        matcher=matcher if args.train_labels == "audioset" else None)
+    counts = L.count_labels(labels)
+    buckets = L.Buckets(tuple(int(x) for x in args.buckets.split(",")))
+    per_model, scores = {}, ("kl", "hit", "clap_cosine")
+    if args.eval:
+        if not args.prompts:
+            raise ReaudioError("--eval needs --prompts CSV (file and caption columns, optionally label) to give each "
+                               "generated clip its labels")
+        from .evaluation import FILE_COLUMNS
+        rows, cols = L._csv_rows(args.prompts)
+        ncol = next((cols[c] for c in FILE_COLUMNS if c in cols), None)
+        if ncol is None:
+            raise ReaudioError(f"{args.prompts}: needs a file column ({'/'.join(FILE_COLUMNS)})")
+        labels = L.labels_from_manifest(args.prompts, label_column=None if args.prompt_labels in ("column", "audioset")
+                                        else args.prompt_labels,
+                                        matcher=matcher if args.prompt_labels == "audioset" else None)
+        by_name = {Path((r.get(ncol) or "").strip()).with_suffix("").as_posix(): lab for r, lab in zip(rows, labels)}
+        for item in args.eval:
+            name, _, path = item.rpartition("=")
+            name = name or Path(path).stem
+            res = _json.loads(Path(path).read_text(encoding="utf-8"))
+            labels_of = (res.get("feature_models") or {}).get("classifier") or {}
+            items = L.eval_items_with_labels(res, by_name, labels_of.get("labels"))
+            per_model[name] = L.bucket_scores(items, counts, buckets, scores, args.multi_label)
+    note = matcher.description if matcher is not None else None
+    universe = matcher.names if args.train_labels == "audioset" else None
+    text = L.report_markdown(counts, buckets, per_model, [s for s in scores if per_model], note, str(train), universe)
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "longtail.md").write_text(text, encoding="utf-8")
+        (out / "longtail.json").write_text(_json.dumps({"label_note": note, "buckets": buckets.names,
+                                                        "counts": dict(counts), "models": per_model}, indent=1))
+        for s in scores:
+            if any(b[s]["n"] for r in per_model.values() for b in r["buckets"].values()):
+                L.plot_buckets(out / f"longtail-{s}.png", per_model, s, buckets)
     return 0
 
 
@@ -302,6 +371,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON on standard output instead of markdown")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("experiment", help="train, generate and evaluate a grid of variants (Table 1 / Fig. 3 / Fig. 4)")
+    p.add_argument("--config", required=True, metavar="FILE", help="experiment YAML (e.g. configs/experiments/esc50-ci.yaml)")
+    p.add_argument("--dry-run", action="store_true", help="check config, data and weights; print the plan; compute nothing")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: the file's out, else runs/experiments/NAME)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the experiment file, e.g. seeds=[0]")
+    p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("longtail", help="label counts in training data, frequency buckets, per-bucket scores (Fig. 4)")
+    p.add_argument("--train", required=True, metavar="CSV|DB", help="training manifest CSV or database directory")
+    p.add_argument("--train-labels", default="column", metavar="column|audioset|NAME",
+                   help="labels from the label/category column (default), a named column, or AudioSet names in captions")
+    p.add_argument("--audioset", default="../shared/data/audioset", metavar="DIR", help="folder with ontology.json")
+    p.add_argument("--audioset-source", default="ontology", choices=["ontology", "labels"])
+    p.add_argument("--buckets", default="0,1,11,101,1001", metavar="E0,E1,...", help="bucket lower edges, from 0")
+    p.add_argument("--eval", action="append", default=[], metavar="NAME=JSON",
+                   help="a `reaudio evaluate --json` result per model (repeatable)")
+    p.add_argument("--prompts", metavar="CSV", help="file,caption[,label] CSV of the evaluated clips")
+    p.add_argument("--prompt-labels", default="column", metavar="column|audioset|NAME")
+    p.add_argument("--multi-label", default="min", choices=["min", "each"],
+                   help="a clip with several labels counts in its rarest label's bucket (min) or in each")
+    p.add_argument("--out", metavar="DIR", help="write longtail.md, longtail.json and longtail-<score>.png here")
+    p.set_defaults(func=cmd_longtail)
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
     p.add_argument("which", choices=["retrievers", "generation", "training"])

@@ -349,6 +349,14 @@ def write_manifest(input_csvs: Sequence[str | Path], out_csv: str | Path) -> int
 _COMPONENTS: dict[str, object] = {}
 
 
+def audio_encoder_entry(cfg: dict) -> dict | None:
+    """The audio encoder a database embeds clips with: the configured one, unless
+    ``database.embed_audio`` is false and nothing (key, neighbour modality) needs audio embeddings."""
+    db = cfg.get("database") or {}
+    needs = db.get("key") == "audio" or "audio" in str(db.get("neighbour_modality", ""))
+    return cfg.get("audio_encoder") if db.get("embed_audio", True) or needs else None
+
+
 def _component(kind: str, entry: dict | None):
     """Build (once per process) the registered component an entry ``{name, params}`` names."""
     if entry is None:
@@ -824,7 +832,7 @@ def build_database(manifests: Sequence[str | Path], out: str | Path, cfg: dict, 
     root = Path(out)
     _check_out_dir(root)
     text_enc = _component("text_encoder", cfg["text_encoder"])
-    audio_enc = _component("audio_encoder", cfg.get("audio_encoder"))
+    audio_enc = _component("audio_encoder", audio_encoder_entry(cfg))
     if db["key"] == "audio" and audio_enc.dim != text_enc.dim:
         raise ReaudioError(f"database.key=audio: prompts are embedded by text_encoder {cfg['text_encoder']['name']!r} "
                            f"({text_enc.dim}-d) and must share a space with audio_encoder "
@@ -858,7 +866,7 @@ def _report(op, root, version, manifests, n_rows, cfg, text_enc, audio_enc, skip
     dims = {"text": text_enc.dim, **({"audio": audio_enc.dim} if audio_enc is not None else {})}
     return Report(op, str(root), version, [str(m) for m in manifests], rows=n_rows, skipped=skipped, key=db["key"],
                   modality=db["neighbour_modality"], neighbours=db["neighbours"],
-                  text_encoder=_describe(cfg["text_encoder"]), audio_encoder=_describe(cfg.get("audio_encoder")),
+                  text_encoder=_describe(cfg["text_encoder"]), audio_encoder=_describe(audio_encoder_entry(cfg)),
                   retriever=_describe(cfg["retriever"]), dims=dims)
 
 
@@ -878,7 +886,7 @@ def add_to_database(db_dir: str | Path, manifests: Sequence[str | Path], progres
         r, s, n = read_manifest(m)
         rows, skipped, n_rows = rows + r, skipped + s, n_rows + n
     text_enc = _component("text_encoder", cfg["text_encoder"])
-    audio_enc = _component("audio_encoder", cfg.get("audio_encoder"))
+    audio_enc = _component("audio_encoder", audio_encoder_entry(cfg))
     if text_enc.dim != old.meta["text"]["dim"]:
         raise ReaudioError(f"text_encoder {cfg['text_encoder']['name']!r} now gives {text_enc.dim}-d embeddings; "
                            f"{root} holds {old.meta['text']['dim']}-d ones. Rebuild with `reaudio index build`.")

@@ -209,7 +209,7 @@ def build_database_distributed(manifests, out, cfg: dict, progress: bool = True)
         rows = [r for m in manifests for r in dbmod.read_manifest(m)[0]]
         part = shard_range(len(rows), env.rank, env.world)
         text_enc = dbmod._component("text_encoder", full["text_encoder"])
-        audio_enc = dbmod._component("audio_encoder", full.get("audio_encoder"))
+        audio_enc = dbmod._component("audio_encoder", dbmod.audio_encoder_entry(full))
         local = dbmod._embed_rows(rows[part.start:part.stop], full, text_enc, audio_enc, {},
                                   progress and env.is_main, f"embedding (rank {env.rank + 1}/{env.world})")
         shards = gather_to_main(env, local)

@@ -98,7 +98,7 @@ class ReAudioPipeline:
     @classmethod
     def from_config(cls, cfg: dict, model_dir: str | Path | None = None, db: str | Path | None = None):
         """Build every slot of ``cfg``; weights from ``model_dir/<slot>`` where present."""
-        model_dir = Path(model_dir) if model_dir else None
+        model_dir = resolve_path(model_dir or cfg["generation"].get("model"))
         reg = get_registry()
         if cfg["generation"].get("require_weights") and model_dir is None:
             raise ReaudioError(
@@ -121,7 +121,7 @@ class ReAudioPipeline:
             else:
                 components[slot] = build(cfg, slot)
         database = None
-        db = db or cfg["generation"].get("database")
+        db = resolve_path(db or cfg["generation"].get("database"))
         if cfg["generation"]["retrieval"] != "none":
             if not db:
                 raise ReaudioError(f"retrieval '{cfg['generation']['retrieval']}' needs a database: pass --db DIR "
@@ -222,7 +222,8 @@ class ReAudioPipeline:
         weights = self.model_dir / slot / "model.safetensors" if self.model_dir else None
         return feature_key(self.cfg, slot, weights if weights is not None and weights.exists() else None)
 
-    def cache_features(self, batch_size: int = 16, progress: bool = True) -> list[str]:
+    def cache_features(self, batch_size: int = 16, progress: bool = True,
+                       streams: Sequence[str] = ("caption", "audio")) -> list[str]:
         """Precompute neighbour features of every database item into the database, so generation
         does not re-run the caption / audio encoders on neighbours. Returns the feature names written."""
         from .audio import load_audio
@@ -230,7 +231,7 @@ class ReAudioPipeline:
             raise ReaudioError("no database to cache features into")
         written = []
         items = self.database.items
-        jobs = [("caption", self.caption_encoder), ("audio", self.audio_encoder)]
+        jobs = [(s, self.caption_encoder if s == "caption" else self.audio_encoder) for s in streams]
         for stream, encoder in jobs:
             if encoder is None:
                 continue
@@ -395,13 +396,37 @@ class ReAudioPipeline:
         return self._rerank_text.embed(prompts)
 
 
+PKG_PREFIX = "pkg:"
+
+
+def resolve_path(value: str | Path | None) -> Path | None:
+    """A filesystem path, or ``pkg:PACKAGE/REL/PATH`` for data shipped inside an installed package
+    (e.g. ``pkg:reaudio_plugins/weights/offline``, the offline preset). Nothing is executed beyond
+    importing the named package, which must already be an installed reaudio plugin package."""
+    if value is None or value == "":
+        return None
+    text = str(value)
+    if not text.startswith(PKG_PREFIX):
+        return Path(text).expanduser()
+    package, _, rel = text[len(PKG_PREFIX):].partition("/")
+    from importlib.util import find_spec
+    spec = find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ReaudioError(f"{text}: no installed package '{package}'")
+    return Path(list(spec.submodule_search_locations)[0]) / rel
+
+
 def feature_key(cfg: dict, slot: str, weights: Path | None = None) -> str:
     """Name under which a database caches neighbour features of the encoder in ``slot``: the
     component's name, a hash of its parameters, and of its weights file when it has one."""
     import hashlib
     import json
     entry = cfg[slot]
-    h = hashlib.sha1(json.dumps(entry, sort_keys=True, default=str).encode())
+    params = dict(entry.get("params") or {})
+    if weights is not None:  # the weights' bytes identify them; where they were loaded from does not
+        for key in ("weights", "checkpoint", "pretrained", "device", "batch_size"):
+            params.pop(key, None)
+    h = hashlib.sha1(json.dumps({"name": entry["name"], "params": params}, sort_keys=True, default=str).encode())
     if slot == "caption_encoder":
         h.update(str(cfg["generation"]["caption_tokens"]).encode())
     if weights is not None:

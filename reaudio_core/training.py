@@ -747,8 +747,16 @@ class LdmStage(Stage):
         # data ------------------------------------------------------------------------------
         excluded = set(self.t.get("exclude_labels") or [])
         items = self.db.items
+        include = self.t.get("include_ids")
+        if include is not None:  # a training subset (e.g. a long-tailed one); the rest stays retrievable
+            bad = [i for i in include if not isinstance(i, int) or not 0 <= i < len(items)]
+            if bad:
+                raise ReaudioError(f"training.include_ids: {bad[:5]} are not item ids of {self.t['database']} "
+                                   f"(0..{len(items) - 1})")
+            include = set(include)
         clips = [Clip(it["path"], it.get("caption") or "", it.get("label") or None, i)
-                 for i, it in enumerate(items) if (it.get("label") or None) not in excluded]
+                 for i, it in enumerate(items) if (it.get("label") or None) not in excluded
+                 and (include is None or i in include)]
         if excluded and len(clips) == len(items):
             print(f"note: training.exclude_labels {sorted(excluded)} matched no database item", file=sys.stderr)
         self.dataset = self.make_dataset(clips, multiple=self.decoder.compression * self.denoiser.downsample)

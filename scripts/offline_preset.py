@@ -1,0 +1,256 @@
+"""Reproduce, package and check the offline preset (issue: training and the offline preset).
+
+One command retrains the shipped weights from the real ESC-50 fold-4 audio and re-runs the checks::
+
+    python scripts/offline_preset.py all
+
+Stages (each can be run alone; each resumes or skips what is already done):
+
+* ``train``   - ``reaudio train`` with configs/offline-vae.yaml, ``reaudio index build`` of the 400 clips,
+  ``reaudio train`` with configs/offline-ldm.yaml (torchrun with 2 CPU processes), into ``runs/``.
+* ``package`` - copies the LDM export into ``plugins/weights/offline/`` (the files the ``offline`` preset
+  of registry.yaml loads), builds the preset's retrieval database there (MiniLM caption embeddings,
+  FAISS) and caches the retrieved-audio tokens in it, so generation never needs the source audio.
+* ``check``   - generates one clip per ESC-50 class prompt with the shipped preset, retrieval on and off,
+  and classifies them with the esc50-classifier feature model (trained on the same real clips): top-1 /
+  top-5 over the 50 classes and a confusion summary -> docs/results/offline-check.{json,md}, PNGs.
+* ``heldout`` - retrains the LDM without some classes (their clips stay in the database) and measures
+  generation for those classes with retrieval on vs off -> docs/results/offline-heldout.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "esc50-fold4"
+RUNS = REPO / "runs"
+SHIPPED = REPO / "plugins" / "weights" / "offline"
+RESULTS = REPO / "docs" / "results"
+HELDOUT_CLASSES = ["rooster", "crow", "chainsaw", "clock_tick", "hand_saw"]
+DEMO_PROMPTS = ["dog barking", "rain", "church bells", "siren"]
+
+
+def reaudio(*args: str, procs: int = 1) -> None:
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", "0",
+            "-m", "reaudio_core.cli"] if procs > 1 else [sys.executable, "-m", "reaudio_core.cli"]) + list(args)
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=REPO)
+    print(f"  ({time.time() - t0:.0f} s)", flush=True)
+
+
+def _train_stage(config: str, out: Path, *overrides: str, procs: int = 1) -> None:
+    if (out / "final" / "config.yaml").exists():
+        print(f"{out}/final exists: skipping (delete it to retrain)")
+        return
+    resume = ["--resume"] if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()) else []
+    reaudio("train", "--config", config, "--out", str(out), *resume, *overrides, procs=procs)
+
+
+def train(args) -> None:
+    _train_stage("configs/offline-vae.yaml", RUNS / "offline-vae")
+    if not (RUNS / "esc50-db" / "CURRENT").exists():
+        reaudio("index", "build", "--manifest", str(DATA / "metadata.csv"), "--out", str(RUNS / "esc50-db"))
+    _train_stage("configs/offline-ldm.yaml", RUNS / "offline-ldm", procs=args.procs)
+
+
+def package(args) -> None:
+    """plugins/weights/offline/: the LDM export's weights + the preset's own database."""
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from reaudio_core.config import compose, save_config
+    from reaudio_core.database import build_database
+    from reaudio_core.pipeline import ReAudioPipeline
+    src = RUNS / "offline-ldm" / "final"
+    if not (src / "config.yaml").exists():
+        raise SystemExit(f"{src} missing: run the train stage first")
+    tmp = SHIPPED.with_name(".tmp-offline")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for slot in ("denoiser", "decoder", "audio_encoder"):
+        shutil.copytree(src / slot, tmp / slot)
+        for f in (tmp / slot).glob("*.safetensors"):  # half precision on disk (loaded back into fp32 modules)
+            tensors = load_file(f)
+            save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, f)
+    cfg = compose("offline")
+    cfg["generation"]["model"] = None
+    cfg["generation"]["database"] = None
+    save_config(cfg, tmp)
+    build_database([DATA / "metadata.csv"], tmp / "db", cfg, progress=True)
+    pipe = ReAudioPipeline.from_config(cfg, model_dir=tmp, db=tmp / "db")
+    name = pipe.cache_features(streams=("audio",))[0]
+    feats = pipe.database.features(name)
+    arrays = {"states": np.asarray(feats["states"]).astype(np.float16), "mask": np.asarray(feats["mask"])}
+    pipe.database.save_features(name, arrays, info={"what": "retrieved-audio tokens of the shipped audio_encoder"})
+    # the source audio is not shipped: keep paths relative to ../shared/data (shown, never read)
+    vdir = pipe.database.version_dir
+    rows = [json.loads(line) for line in (vdir / "items.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    for row in rows:
+        row["path"] = "esc50-fold4/" + row["file"]
+        row["manifest"] = "esc50-fold4/metadata.csv"
+    (vdir / "items.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                      encoding="utf-8")
+    shutil.copy(REPO / "docs" / "offline-preset-card.md", tmp / "README.md")
+    if SHIPPED.exists():
+        shutil.rmtree(SHIPPED)
+    os.replace(tmp, SHIPPED)
+    size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
+    print(f"packaged {SHIPPED} ({size / 2**20:.1f} MiB)")
+
+
+# -- checks -------------------------------------------------------------------------------------
+def _classify(wavs):
+    import torch
+
+    from reaudio_core.registry import create
+    clf = create("feature_model", "esc50-classifier")
+    logits = clf.logits([w.numpy() if hasattr(w, "numpy") else w for w in wavs])
+    return clf.labels, torch.softmax(logits.float(), -1)
+
+
+def _generate(pipe, prompts, seeds, batch=10):
+    import torch
+    waves = []
+    for seed in seeds:
+        for i in range(0, len(prompts), batch):
+            out = pipe(prompts[i:i + batch], seed=seed, progress=False)
+            waves += list(out.waveforms)
+    return torch.stack(waves)
+
+
+def _score(labels, probs, targets):
+    import numpy as np
+    idx = [labels.index(t) for t in targets]
+    top5 = probs.topk(5, -1).indices.numpy()
+    pred = probs.argmax(-1).numpy()
+    return {"top1": float(np.mean(pred == idx)), "top5": float(np.mean([i in row for i, row in zip(idx, top5)])),
+            "p_target": float(np.mean([probs[n, i].item() for n, i in enumerate(idx)])),
+            "predictions": [labels[p] for p in pred]}
+
+
+def check(args) -> None:
+    import numpy as np
+
+    from reaudio_core.pipeline import ReAudioPipeline
+    from reaudio_core.plots import save_mel_png
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    pipe = ReAudioPipeline.from_preset("offline") if not args.model else ReAudioPipeline.from_pretrained(args.model)
+    labels = _classify([np.zeros(16000, np.float32)])[0]
+    prompts = [label.replace("_", " ") for label in labels]
+    seeds = list(range(args.seeds))
+    targets = [t for _ in seeds for t in labels]
+    results = {"model": "offline preset (plugins/weights/offline)" if not args.model else str(args.model),
+               "classifier": "esc50-classifier (plugins/weights/esc50-classifier)", "sample_rate": 16000,
+               "prompts": "the 50 ESC-50 class names, underscores as spaces", "seeds": seeds,
+               "clips_per_setting": len(targets), "generation": dict(pipe.cfg["generation"])}
+    t0 = time.time()
+    for retrieval in ("audio+text", "none"):
+        pipe.cfg["generation"]["retrieval"] = retrieval
+        waves = _generate(pipe, prompts, seeds)
+        _, probs = _classify(waves)
+        results[retrieval] = _score(labels, probs, targets)
+        print(f"retrieval {retrieval}: top-1 {results[retrieval]['top1']:.3f} top-5 {results[retrieval]['top5']:.3f}"
+              f" ({time.time() - t0:.0f} s)", flush=True)
+    pipe.cfg["generation"]["retrieval"] = "audio+text"
+    results["seconds"] = round(time.time() - t0, 1)
+    # confusions of the retrieval run
+    preds = results["audio+text"]["predictions"]
+    wrong = {}
+    for t, p in zip(targets, preds):
+        if t != p:
+            wrong[f"{t} -> {p}"] = wrong.get(f"{t} -> {p}", 0) + 1
+    results["confusions"] = sorted(wrong.items(), key=lambda kv: -kv[1])[:15]
+    per_class = {c: float(np.mean([p == c for t, p in zip(targets, preds) if t == c])) for c in labels}
+    results["per_class_top1"] = per_class
+    # real clips through the same classifier: the ceiling (they are its own training data)
+    from reaudio_core.audio import load_audio
+    import csv
+    rows = list(csv.DictReader(open(DATA / "metadata.csv", encoding="utf-8")))
+    real = [load_audio(DATA / r["file"]) for r in rows]
+    _, probs = _classify(real)
+    results["real_clips"] = {k: v for k, v in _score(labels, probs, [r["category"] for r in rows]).items()
+                             if k != "predictions"}
+    # demo spectrograms
+    img = REPO / "docs" / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    out = pipe(DEMO_PROMPTS, seed=0, progress=False)
+    for prompt, mel, nb in zip(out.prompts, out.mels, out.neighbours):
+        save_mel_png(img / f"offline-{prompt.replace(' ', '-')}.png", mel, title=prompt,
+                     captions=[n["caption"] for n in nb])
+    (RESULTS / "offline-check.json").write_text(json.dumps(results, indent=2))
+    md = [f"Model: {results['model']}; classifier: {results['classifier']}; 16 kHz; "
+          f"{len(targets)} clips per row ({len(labels)} class prompts x {len(seeds)} seeds); "
+          f"{pipe.cfg['generation']['duration']} s, {pipe.cfg['generation']['steps']} "
+          f"{pipe.cfg['generation']['sampler']} steps, guidance {pipe.cfg['generation']['guidance']}, k "
+          f"{pipe.cfg['generation']['k']}. Chance: top-1 0.02, top-5 0.10.", "",
+          "| clips | top-1 | top-5 | mean p(asked class) |", "|---|---|---|---|"]
+    for key, name in (("audio+text", "generated, retrieval audio+text"), ("none", "generated, retrieval off"),
+                      ("real_clips", "real ESC-50 fold-4 clips (the classifier's training data)")):
+        r = results[key]
+        md.append(f"| {name} | {r['top1']:.3f} | {r['top5']:.3f} | {r['p_target']:.3f} |")
+    md += ["", "Most frequent confusions (retrieval on): " +
+           ", ".join(f"{k} ({v})" for k, v in results["confusions"][:10]) + "."]
+    (RESULTS / "offline-check.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def heldout(args) -> None:
+    import numpy as np
+
+    from reaudio_core.pipeline import ReAudioPipeline
+    out = RUNS / "offline-ldm-heldout"
+    excl = "[" + ",".join(HELDOUT_CLASSES) + "]"
+    _train_stage("configs/offline-ldm.yaml", out, f"training.exclude_labels={excl}", procs=args.procs)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    prompts = [c.replace("_", " ") for c in HELDOUT_CLASSES]
+    seeds = list(range(args.seeds))
+    targets = [c for _ in seeds for c in HELDOUT_CLASSES]
+    results = {"excluded_classes": HELDOUT_CLASSES, "seeds": seeds, "clips_per_setting": len(targets),
+               "classifier": "esc50-classifier", "sample_rate": 16000}
+    models = {"held-out model": out / "final", "full model (shipped preset)": None}
+    for mname, mdir in models.items():
+        pipe = ReAudioPipeline.from_preset("offline") if mdir is None else \
+            ReAudioPipeline.from_pretrained(mdir, db=RUNS / "esc50-db")
+        for retrieval in ("audio+text", "none"):
+            pipe.cfg["generation"]["retrieval"] = retrieval
+            labels, probs = _classify(_generate(pipe, prompts, seeds))
+            s = _score(labels, probs, targets)
+            s["per_class_top1"] = {c: float(np.mean([p == c for t, p in zip(targets, s["predictions"]) if t == c]))
+                                   for c in HELDOUT_CLASSES}
+            results[f"{mname} / retrieval {retrieval}"] = s
+            print(mname, retrieval, s["top1"], s["top5"], s["p_target"], flush=True)
+    (RESULTS / "offline-heldout.json").write_text(json.dumps(results, indent=2))
+    md = [f"Classes excluded from LDM training (clips kept in the retrieval database): {', '.join(HELDOUT_CLASSES)}. "
+          f"{len(targets)} clips per row ({len(prompts)} prompts x {len(seeds)} seeds), classified by "
+          "esc50-classifier over all 50 classes (chance: top-1 0.02, top-5 0.10); 16 kHz.", "",
+          "| model / retrieval at generation | top-1 | top-5 | mean p(asked class) |", "|---|---|---|---|"]
+    for key, s in results.items():
+        if isinstance(s, dict) and "top1" in s:
+            md.append(f"| {key} | {s['top1']:.3f} | {s['top5']:.3f} | {s['p_target']:.3f} |")
+    (RESULTS / "offline-heldout.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["all", "train", "package", "check", "heldout"])
+    p.add_argument("--procs", type=int, default=2, help="torchrun processes for the LDM stage (default 2)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per class prompt in check / heldout (default 2)")
+    p.add_argument("--model", help="check a saved pipeline directory instead of the shipped preset")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    stages = ["train", "package", "check", "heldout"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        globals()[stage](args)
+
+
+if __name__ == "__main__":
+    main()
