@@ -219,8 +219,8 @@ class ReAudioPipeline:
 
     def _feature_key(self, stream: str) -> str:
         slot = "caption_encoder" if stream == "caption" else "audio_encoder"
-        weights = self.model_dir / slot / "model.safetensors" if self.model_dir else None
-        return feature_key(self.cfg, slot, weights if weights is not None and weights.exists() else None)
+        files = sorted((self.model_dir / slot).rglob("*.safetensors")) if self.model_dir else []
+        return feature_key(self.cfg, slot, files or None)
 
     def cache_features(self, batch_size: int = 16, progress: bool = True,
                        streams: Sequence[str] = ("caption", "audio")) -> list[str]:
@@ -416,9 +416,9 @@ def resolve_path(value: str | Path | None) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0]) / rel
 
 
-def feature_key(cfg: dict, slot: str, weights: Path | None = None) -> str:
+def feature_key(cfg: dict, slot: str, weights: Path | Sequence[Path] | None = None) -> str:
     """Name under which a database caches neighbour features of the encoder in ``slot``: the
-    component's name, a hash of its parameters, and of its weights file when it has one."""
+    component's name, a hash of its parameters, and of its weights file(s) when it has them."""
     import hashlib
     import json
     entry = cfg[slot]
@@ -429,6 +429,6 @@ def feature_key(cfg: dict, slot: str, weights: Path | None = None) -> str:
     h = hashlib.sha1(json.dumps({"name": entry["name"], "params": params}, sort_keys=True, default=str).encode())
     if slot == "caption_encoder":
         h.update(str(cfg["generation"]["caption_tokens"]).encode())
-    if weights is not None:
-        h.update(hashlib.sha1(Path(weights).read_bytes()).digest())
+    for f in ([weights] if isinstance(weights, (str, Path)) else weights or []):
+        h.update(hashlib.sha1(Path(f).read_bytes()).digest())
     return f"{slot}-{entry['name']}-{h.hexdigest()[:12]}"

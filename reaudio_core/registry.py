@@ -116,19 +116,22 @@ class Registry:
         return sorted(n for (k, n), s in self.components.items()
                       if k == kind and (s.cls is not None or not available_only))
 
-    def spec(self, kind: str, name: str) -> ComponentSpec:
+    def spec(self, kind: str, name: str, available: bool = True) -> ComponentSpec:
+        """The catalogue entry; with ``available`` its plugin must have loaded (to build it)."""
         if kind not in KINDS:
             raise UnknownName(f"Unknown component kind '{kind}'. {closest(kind, KINDS)}")
         spec = self.components.get((kind, name))
         if spec is None:
             raise UnknownName(f"Unknown {kind} '{name}'. {closest(name, self.names(kind, False))}")
-        if spec.cls is None:
+        if available and spec.cls is None:
             raise ReaudioError(f"{kind} '{name}' is unavailable: {spec.error}")
         return spec
 
     def resolve_params(self, kind: str, name: str, params: dict | None) -> dict:
-        """Defaults overlaid with ``params``; unknown keys are an error naming the known ones."""
-        spec = self.spec(kind, name)
+        """Defaults overlaid with ``params``; unknown keys are an error naming the known ones. Works for a
+        catalogued component whose plugin is not loaded (checked against registry.yaml's defaults);
+        building it is what needs the plugin."""
+        spec = self.spec(kind, name, available=False)
         params = dict(params or {})
         known = spec.parameters()
         for key in params:

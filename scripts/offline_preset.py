@@ -38,7 +38,7 @@ DEMO_PROMPTS = ["dog barking", "rain", "church bells", "siren"]
 
 
 def reaudio(*args: str, procs: int = 1) -> None:
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", "0",
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
             "-m", "reaudio_core.cli"] if procs > 1 else [sys.executable, "-m", "reaudio_core.cli"]) + list(args)
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()
@@ -77,7 +77,7 @@ def package(args) -> None:
     tmp.mkdir(parents=True)
     for slot in ("denoiser", "decoder", "audio_encoder"):
         shutil.copytree(src / slot, tmp / slot)
-        for f in (tmp / slot).glob("*.safetensors"):  # half precision on disk (loaded back into fp32 modules)
+        for f in (tmp / slot).rglob("*.safetensors"):  # half precision on disk (loaded back into fp32 modules)
             tensors = load_file(f)
             save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, f)
     cfg = compose("offline")
@@ -208,12 +208,14 @@ def heldout(args) -> None:
     from reaudio_core.pipeline import ReAudioPipeline
     out = RUNS / "offline-ldm-heldout"
     excl = "[" + ",".join(HELDOUT_CLASSES) + "]"
-    _train_stage("configs/offline-ldm.yaml", out, f"training.exclude_labels={excl}", procs=args.procs)
+    _train_stage("configs/offline-ldm.yaml", out, f"training.exclude_labels={excl}",
+                 f"training.max_steps={args.heldout_steps}", procs=args.procs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     prompts = [c.replace("_", " ") for c in HELDOUT_CLASSES]
     seeds = list(range(args.seeds))
     targets = [c for _ in seeds for c in HELDOUT_CLASSES]
     results = {"excluded_classes": HELDOUT_CLASSES, "seeds": seeds, "clips_per_setting": len(targets),
+               "heldout_training_steps": args.heldout_steps,
                "classifier": "esc50-classifier", "sample_rate": 16000}
     models = {"held-out model": out / "final", "full model (shipped preset)": None}
     for mname, mdir in models.items():
@@ -228,7 +230,8 @@ def heldout(args) -> None:
             results[f"{mname} / retrieval {retrieval}"] = s
             print(mname, retrieval, s["top1"], s["top5"], s["p_target"], flush=True)
     (RESULTS / "offline-heldout.json").write_text(json.dumps(results, indent=2))
-    md = [f"Classes excluded from LDM training (clips kept in the retrieval database): {', '.join(HELDOUT_CLASSES)}. "
+    md = [f"Classes excluded from LDM training (clips kept in the retrieval database): {', '.join(HELDOUT_CLASSES)}; "
+          f"held-out model trained for {args.heldout_steps} steps (the full model: configs/offline-ldm.yaml). "
           f"{len(targets)} clips per row ({len(prompts)} prompts x {len(seeds)} seeds), classified by "
           "esc50-classifier over all 50 classes (chance: top-1 0.02, top-5 0.10); 16 kHz.", "",
           "| model / retrieval at generation | top-1 | top-5 | mean p(asked class) |", "|---|---|---|---|"]
@@ -245,6 +248,8 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=2, help="torchrun processes for the LDM stage (default 2)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per class prompt in check / heldout (default 2)")
     p.add_argument("--model", help="check a saved pipeline directory instead of the shipped preset")
+    p.add_argument("--heldout-steps", type=int, default=1500,
+                   help="LDM steps of the held-out-class model (default 1500, the shipped recipe)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     stages = ["train", "package", "check", "heldout"] if args.stage == "all" else [args.stage]

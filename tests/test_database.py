@@ -27,7 +27,8 @@ CAPTIONS = [("dog.wav", "a dog barking loudly", "dog", 300),
 
 
 def cfg_for(*overrides):
-    return compose("offline", [], ["retriever=torch", *overrides])
+    """The offline preset's retrieval side (MiniLM captions), exact torch search, no audio encoder."""
+    return compose("offline", [], ["retriever=torch", "audio_encoder=null", "database.embed_audio=true", *overrides])
 
 
 @pytest.fixture(scope="module")
