@@ -104,8 +104,9 @@ class ReAudioPipeline:
             raise ReaudioError(
                 f"preset '{cfg.get('preset')}' needs trained weights, and none were given. Supply a directory "
                 "written by save_pretrained / `reaudio train` with --model DIR (it must hold config.yaml and "
-                f"{', '.join(f'{s}/' for s in WEIGHTED_SLOTS if cfg.get(s))}), or convert an AudioLDM checkpoint "
-                "with `reaudio convert`.")
+                f"{', '.join(f'{s}/' for s in WEIGHTED_SLOTS if cfg.get(s))}), or point the components at real checkpoints "
+                "(e.g. denoiser.params.checkpoint=AudioLDM.ckpt or a diffusers folder, decoder.params.checkpoint=..., "
+                "vocoder.params.checkpoint=...) and set generation.require_weights=false.")
         components = {}
         for slot in SLOTS:
             entry = cfg.get(slot)
