@@ -84,13 +84,9 @@ def _listify(value) -> list:
 
 
 def _atomic_text(path: Path, text: str) -> None:
+    from .database import _write_text_atomic
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_text_atomic(path, text)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -138,15 +134,9 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = (), out: str | 
     """The experiment file with ``key=value`` overrides applied, defaults filled, ``{out}`` substituted."""
     import yaml
     from omegaconf import OmegaConf
+    from .config import _load_file
     path = Path(path)
-    if not path.is_file():
-        raise ReaudioError(f"experiment config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ReaudioError(f"{path}: invalid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ReaudioError(f"{path}: the top level must be a mapping")
+    data = _load_file(path)
     for item in overrides:
         if "=" not in item:
             raise ReaudioError(f"override '{item}' is not of the form key=value")
