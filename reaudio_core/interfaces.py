@@ -146,7 +146,8 @@ class Conditioning:
 
 
 class Denoiser(ABC):
-    """Noise predictor in the decoder's latent space (epsilon parameterisation)."""
+    """Noise predictor in the decoder's latent space: epsilon, or v when the model's config sets
+    ``diffusion.prediction_type: v_prediction`` (the sampler reads that; the denoiser need not know)."""
 
     kind: ClassVar[str] = "denoiser"
 
@@ -158,7 +159,7 @@ class Denoiser(ABC):
 
     @abstractmethod
     def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """``latents [B, C, T, F]``, ``timesteps [B]`` int64 in [0, 1000) -> epsilon ``[B, C, T, F]``."""
+        """``latents [B, C, T, F]``, ``timesteps [B]`` int64 in [0, 1000) -> epsilon (or v) ``[B, C, T, F]``."""
 
 
 class Decoder(ABC):

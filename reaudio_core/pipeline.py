@@ -47,16 +47,28 @@ class Generation:
 
 
 def make_scheduler(cfg: dict, sampler: str):
-    """A diffusers scheduler with the reference's training noise schedule (reference section 5)."""
+    """A diffusers scheduler with the reference's training noise schedule (reference section 5) and the
+    denoiser's parameterisation (``diffusion.prediction_type``)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
     d = cfg["diffusion"]
     common = dict(num_train_timesteps=d["num_train_timesteps"], beta_start=d["beta_start"],
-                  beta_end=d["beta_end"], beta_schedule=d["beta_schedule"], prediction_type="epsilon")
+                  beta_end=d["beta_end"], beta_schedule=d["beta_schedule"], prediction_type=prediction_type(cfg))
     if sampler == "ddim":
         return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     if sampler == "dpm-solver":
         return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
     raise ReaudioError(f"unknown sampler '{sampler}'; use ddim or dpm-solver")
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def prediction_type(cfg: dict) -> str:
+    """``diffusion.prediction_type``: epsilon (the reference) or v_prediction (v = sqrt(a) eps - sqrt(1-a) x0)."""
+    kind = cfg["diffusion"].get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise ReaudioError(f"diffusion.prediction_type must be one of {PREDICTION_TYPES}, got {kind!r}")
+    return kind
 
 
 def clean_prompt(prompt: str) -> tuple[str, list[str]]:

@@ -490,7 +490,8 @@ class VaeObjective(nn.Module):
 
 
 class LdmObjective(nn.Module):
-    """Epsilon MSE on ``DDPMScheduler.add_noise`` with classifier-free guidance dropout.
+    """Epsilon MSE on ``DDPMScheduler.add_noise`` with classifier-free guidance dropout (or, with
+    ``diffusion.prediction_type: v_prediction``, the MSE to ``v = sqrt(a) eps - sqrt(1-a) x0``).
 
     Per batch, with probability ``drop_all`` every condition is replaced by its unconditional input;
     otherwise each sample's prompt embedding is replaced with probability ``drop_prompt``
@@ -536,8 +537,10 @@ class LdmObjective(nn.Module):
         t = torch.randint(0, self.num_train_timesteps, (B,), generator=g, device=latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         cond, stats = self.dropout(batch["cond"], g)
-        eps = self.denoiser(noisy, t, cond).float()
-        loss = torch.nn.functional.mse_loss(eps, noise.float())
+        pred = self.denoiser(noisy, t, cond).float()
+        target = (self.scheduler.get_velocity(latents, noise, t)
+                  if self.scheduler.config.prediction_type == "v_prediction" else noise)
+        loss = torch.nn.functional.mse_loss(pred, target.float())
         return {"loss": loss, **{k: torch.tensor(v) for k, v in stats.items()}}
 
 
@@ -763,10 +766,11 @@ class LdmStage(Stage):
         self.dataset.want_mel = not self.t["cache_latents"]
         self.features()
         from diffusers import DDPMScheduler  # the training-noise schedule of pipeline.make_scheduler's samplers
+        from .pipeline import prediction_type
         dcfg = cfg["diffusion"]
         self.scheduler = DDPMScheduler(num_train_timesteps=dcfg["num_train_timesteps"], beta_start=dcfg["beta_start"],
                                        beta_end=dcfg["beta_end"], beta_schedule=dcfg["beta_schedule"],
-                                       prediction_type="epsilon")
+                                       prediction_type=prediction_type(cfg))
         self.objective = LdmObjective(self.denoiser, self.scheduler, self.uncond,
                                       float(self.t["cfg_drop_all"]), float(self.t["cfg_drop_prompt"]))
         if self.t["cache_latents"]:
@@ -1137,6 +1141,8 @@ class Trainer:
     def restore(self, state: dict) -> int:
         import yaml
         saved = yaml.safe_load(state["config"])
+        if isinstance(saved.get("diffusion"), dict):  # written before diffusion.prediction_type existed: epsilon
+            saved["diffusion"].setdefault("prediction_type", "epsilon")
         if _cfg_fingerprint(saved) != _cfg_fingerprint(self.cfg):
             diff = _first_difference(_cfg_fingerprint(saved), _cfg_fingerprint(self.cfg))
             raise ReaudioError(f"--resume: the configuration differs from the checkpoint's at {diff}; resume with "

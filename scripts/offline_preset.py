@@ -7,13 +7,16 @@ One command retrains the shipped weights from the real ESC-50 fold-4 audio and r
 Stages (each can be run alone; each resumes or skips what is already done):
 
 * ``train``   - ``reaudio train`` with configs/offline-vae.yaml, ``reaudio index build`` of the 400 clips,
-  ``reaudio train`` with configs/offline-ldm.yaml (torchrun with 2 CPU processes), into ``runs/``.
-* ``package`` - copies the LDM export into ``plugins/weights/offline/`` (the files the ``offline`` preset
+  ``reaudio train`` with configs/offline-ldm.yaml (epsilon prediction) and then configs/offline-ldm-v.yaml
+  (its fine-tune to v-prediction), both under torchrun with 2 CPU processes, into ``runs/``.
+* ``package`` - copies the final LDM export (runs/offline-ldm-v/final) into ``plugins/weights/offline/`` (the files the ``offline`` preset
   of registry.yaml loads), builds the preset's retrieval database there (MiniLM caption embeddings,
   FAISS) and caches the retrieved-audio tokens in it, so generation never needs the source audio.
 * ``check``   - generates one clip per ESC-50 class prompt with the shipped preset, retrieval on and off,
   and classifies them with the esc50-classifier feature model (trained on the same real clips): top-1 /
   top-5 over the 50 classes and a confusion summary -> docs/results/offline-check.{json,md}, PNGs.
+* ``diagnose`` - per noise level, the x0 error of a model's conditional and unconditional predictions on
+  real clips, against the best Gaussian-prior guess: does the model use its conditions? (``--model DIR``)
 * ``heldout`` - retrains the LDM without some classes (their clips stay in the database) and measures
   generation for those classes with retrieval on vs off -> docs/results/offline-heldout.{json,md}.
 """
@@ -59,6 +62,7 @@ def train(args) -> None:
     if not (RUNS / "esc50-db" / "CURRENT").exists():
         reaudio("index", "build", "--manifest", str(DATA / "metadata.csv"), "--out", str(RUNS / "esc50-db"))
     _train_stage("configs/offline-ldm.yaml", RUNS / "offline-ldm", procs=args.procs)
+    _train_stage("configs/offline-ldm-v.yaml", RUNS / "offline-ldm-v", procs=args.procs)
 
 
 def package(args) -> None:
@@ -69,7 +73,7 @@ def package(args) -> None:
     from reaudio_core.config import compose, save_config
     from reaudio_core.database import build_database
     from reaudio_core.pipeline import ReAudioPipeline
-    src = RUNS / "offline-ldm" / "final"
+    src = RUNS / "offline-ldm-v" / "final"
     if not (src / "config.yaml").exists():
         raise SystemExit(f"{src} missing: run the train stage first")
     tmp = SHIPPED.with_name(".tmp-offline")
@@ -202,20 +206,67 @@ def check(args) -> None:
     print("\n".join(md))
 
 
+def diagnose(args) -> None:
+    """x0 error per timestep on 20 real clips (one every 20 of the 400), conditional vs unconditional."""
+    import csv
+
+    import numpy as np
+    import torch
+
+    from reaudio_core import mel as M
+    from reaudio_core.audio import load_audio
+    from reaudio_core.pipeline import ReAudioPipeline, make_scheduler, prediction_type
+    pipe = (ReAudioPipeline.from_pretrained(args.model, db=RUNS / "esc50-db") if args.model
+            else ReAudioPipeline.from_preset("offline"))
+    rows = list(csv.DictReader(open(DATA / "metadata.csv", encoding="utf-8")))[::20]
+    n = int(pipe.cfg["generation"]["duration"] * 16000)
+    with torch.no_grad():
+        z0 = []
+        for r in rows:
+            wav = load_audio(DATA / r["file"])[:n]
+            x = torch.from_numpy(np.pad(wav, (0, n - len(wav))))[None]
+            x = x - x.mean()
+            z0.append(pipe.decoder.encode(M.log_mel(0.5 * x / x.abs().max().clamp_min(1e-8))))
+        z0 = torch.cat(z0)
+        mu, var = z0.mean((0, 2, 3), keepdim=True), z0.var((0, 2, 3), keepdim=True)
+        cond, uncond, _ = pipe.condition([r["category"].replace("_", " ") for r in rows], pipe.cfg["generation"]["k"])
+        sched = make_scheduler(pipe.cfg, "ddim")
+        kind = prediction_type(pipe.cfg)
+        g = torch.Generator().manual_seed(0)
+        print(f"model: {args.model or 'shipped offline preset'} ({kind}); {len(rows)} real clips; x0 MSE per element")
+        print("| t | alpha_bar | conditional | unconditional | Gaussian prior (per-channel mean/var) |")
+        print("|---|---|---|---|---|")
+        for t in (999, 900, 800, 700, 600, 500, 400, 300, 200, 100, 50):
+            a = sched.alphas_cumprod[t]
+            noise = torch.randn(z0.shape, generator=g)
+            zt = sched.add_noise(z0, noise, torch.tensor([t] * len(z0)))
+            errs = []
+            for c in (cond, uncond):
+                out = pipe.denoiser(zt, torch.tensor([t] * len(z0)), c)
+                x0 = a.sqrt() * zt - (1 - a).sqrt() * out if kind == "v_prediction" else \
+                    (zt - (1 - a).sqrt() * out) / a.sqrt()
+                errs.append(((x0 - z0) ** 2).mean().item())
+            prior = mu + (a.sqrt() * var / (a * var + 1 - a)) * (zt - a.sqrt() * mu)
+            print(f"| {t} | {a:.5f} | {errs[0]:.3f} | {errs[1]:.3f} | {((prior - z0) ** 2).mean():.3f} |")
+
+
 def heldout(args) -> None:
     import numpy as np
 
     from reaudio_core.pipeline import ReAudioPipeline
-    out = RUNS / "offline-ldm-heldout"
+    first, out = RUNS / "offline-ldm-heldout", RUNS / "offline-ldm-v-heldout"
     excl = "[" + ",".join(HELDOUT_CLASSES) + "]"
-    _train_stage("configs/offline-ldm.yaml", out, f"training.exclude_labels={excl}",
+    _train_stage("configs/offline-ldm.yaml", first, f"training.exclude_labels={excl}",
                  f"training.max_steps={args.heldout_steps}", procs=args.procs)
+    _train_stage("configs/offline-ldm-v.yaml", out, f"training.exclude_labels={excl}",
+                 f"denoiser.params.checkpoint={first / 'final' / 'denoiser'}",
+                 f"training.max_steps={args.heldout_v_steps}", procs=args.procs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     prompts = [c.replace("_", " ") for c in HELDOUT_CLASSES]
     seeds = list(range(args.seeds))
     targets = [c for _ in seeds for c in HELDOUT_CLASSES]
     results = {"excluded_classes": HELDOUT_CLASSES, "seeds": seeds, "clips_per_setting": len(targets),
-               "heldout_training_steps": args.heldout_steps,
+               "heldout_training_steps": [args.heldout_steps, args.heldout_v_steps],
                "classifier": "esc50-classifier", "sample_rate": 16000}
     models = {"held-out model": out / "final", "full model (shipped preset)": None}
     for mname, mdir in models.items():
@@ -231,7 +282,8 @@ def heldout(args) -> None:
             print(mname, retrieval, s["top1"], s["top5"], s["p_target"], flush=True)
     (RESULTS / "offline-heldout.json").write_text(json.dumps(results, indent=2))
     md = [f"Classes excluded from LDM training (clips kept in the retrieval database): {', '.join(HELDOUT_CLASSES)}; "
-          f"held-out model trained for {args.heldout_steps} steps (the full model: configs/offline-ldm.yaml). "
+          f"held-out model trained for {args.heldout_steps} epsilon + {args.heldout_v_steps} v steps (the full model: "
+          "configs/offline-ldm.yaml + configs/offline-ldm-v.yaml). "
           f"{len(targets)} clips per row ({len(prompts)} prompts x {len(seeds)} seeds), classified by "
           "esc50-classifier over all 50 classes (chance: top-1 0.02, top-5 0.10); 16 kHz.", "",
           "| model / retrieval at generation | top-1 | top-5 | mean p(asked class) |", "|---|---|---|---|"]
@@ -244,12 +296,14 @@ def heldout(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["all", "train", "package", "check", "heldout"])
+    p.add_argument("stage", choices=["all", "train", "package", "check", "diagnose", "heldout"])
     p.add_argument("--procs", type=int, default=2, help="torchrun processes for the LDM stage (default 2)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per class prompt in check / heldout (default 2)")
-    p.add_argument("--model", help="check a saved pipeline directory instead of the shipped preset")
-    p.add_argument("--heldout-steps", type=int, default=1500,
-                   help="LDM steps of the held-out-class model (default 1500, the shipped recipe)")
+    p.add_argument("--model", help="check / diagnose a saved pipeline directory instead of the shipped preset")
+    p.add_argument("--heldout-steps", type=int, default=3200,
+                   help="epsilon-stage LDM steps of the held-out-class model (default 3200, the shipped recipe)")
+    p.add_argument("--heldout-v-steps", type=int, default=3000,
+                   help="v-stage LDM steps of the held-out-class model (default 3000, the shipped recipe)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     stages = ["train", "package", "check", "heldout"] if args.stage == "all" else [args.stage]

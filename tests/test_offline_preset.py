@@ -40,9 +40,6 @@ def test_generation_needs_no_source_audio(pipe, monkeypatch):
     assert all(n["label"] == "rain" for n in out.neighbours[0])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4, open: the shipped 2,700-step LDM is under-trained and its samples are "
-                   "not yet classified as the class asked for (docs/results.md section 1); strict, so this turns "
-                   "red once a retrained preset passes and the marker must go")
 def test_class_prompts_sound_like_their_class(pipe):
     from reaudio_core.registry import create
     prompts = ["dog barking", "rain", "church bells", "siren"]

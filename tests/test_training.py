@@ -386,3 +386,43 @@ def test_distributed_index_build_equals_a_single_process_build(tmp_path, data, d
     assert np.allclose(one.embeddings("text"), two.embeddings("text"), atol=1e-5)
     assert np.array_equal(one.neighbours.ids, two.neighbours.ids)
     assert {Path(s["path"]).name for s in two.report()["skipped"]} == {"corrupt.flac", "truncated.wav", "gone.wav"}
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_ldm_objective_target_follows_the_prediction_type(kind):
+    """The LDM loss is the MSE to epsilon, or to v = sqrt(a) eps - sqrt(1 - a) x0 (computed here from the
+    reference betas, independently of diffusers); the samplers are built with the same parameterisation."""
+    from diffusers import DDPMScheduler
+    from reaudio_core.interfaces import Conditioning
+    from reaudio_core.pipeline import make_scheduler
+
+    class Zero(torch.nn.Module):  # predicts 0: the loss is then the mean square of the target
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, latents, t, cond):
+            return latents * self.w
+
+        __call__ = torch.nn.Module.__call__
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
+                          beta_schedule="scaled_linear", prediction_type=kind)
+    uncond = Conditioning(prompt=torch.zeros(1, 4))
+    obj = T.LdmObjective(Zero(), sched, uncond, drop_all=0.0, drop_prompt=0.0)
+    x0 = torch.randn(3, 8, 16, 4, generator=torch.Generator().manual_seed(1)) * 2 + 1
+    loss = obj({"latents": x0, "cond": Conditioning(prompt=torch.ones(3, 4))}, seed=5)["loss"]
+    g = torch.Generator().manual_seed(5)  # the objective's draws, in its order
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (3,), generator=g)
+    a = torch.cumprod(1 - torch.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, 1000, dtype=torch.float64) ** 2, 0)[t]
+    a = a.float().view(3, 1, 1, 1)
+    target = eps if kind == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+    assert torch.allclose(loss, (target ** 2).mean(), rtol=1e-4)
+    cfg = {"diffusion": {"num_train_timesteps": 1000, "beta_start": 0.0015, "beta_end": 0.0195,
+                         "beta_schedule": "scaled_linear", "prediction_type": kind}}
+    for sampler in ("ddim", "dpm-solver"):
+        assert make_scheduler(cfg, sampler).config.prediction_type == kind
+    cfg["diffusion"]["prediction_type"] = "sample"
+    with pytest.raises(ReaudioError, match="prediction_type"):
+        make_scheduler(cfg, "ddim")
