@@ -41,21 +41,23 @@ def test_generation_needs_no_source_audio(pipe, monkeypatch):
 
 
 def test_class_prompts_sound_like_their_class(pipe):
+    """Every 5th ESC-50 class (10 classes, fixed by name order, not picked by result), seed 0: the
+    esc50-classifier finds the asked class in its top 5 for at least half of them (chance: 1 in 10) and
+    first for at least 3 (chance: 0.2 expected); and the ten clips are not one texture."""
     from reaudio_core.registry import create
-    prompts = ["dog barking", "rain", "church bells", "siren"]
-    labels = ["dog", "rain", "church_bells", "siren"]
-    out = pipe(prompts, seed=0, progress=False)
+    clf = create("feature_model", "esc50-classifier")
+    labels = clf.labels[::5]
+    out = pipe([lab.replace("_", " ") for lab in labels], seed=0, progress=False)
     w = out.waveforms.numpy()
     assert np.all(np.abs(w).max(1) > 1e-3), "silent output"
-    clf = create("feature_model", "esc50-classifier")
     probs = torch.softmax(clf.logits(list(w)), -1)
     top5 = probs.topk(5, -1).indices.tolist()
-    hits = [clf.labels.index(lab) in row for lab, row in zip(labels, top5)]
-    assert sum(hits) >= 3, [[clf.labels[i] for i in row] for row in top5]
-    # four different sounds, not one texture for every prompt
+    report = {lab: [clf.labels[i] for i in row] for lab, row in zip(labels, top5)}
+    assert sum(clf.labels.index(lab) in row for lab, row in zip(labels, top5)) >= 5, report
+    assert sum(clf.labels.index(lab) == row[0] for lab, row in zip(labels, top5)) >= 3, report
     mels = out.mels.mean(1)  # [P, 64] average spectrum
     d = torch.cdist(mels, mels)
-    assert d[~torch.eye(4, dtype=bool)].min() > 0.1
+    assert d[~torch.eye(len(labels), dtype=bool)].min() > 0.1
 
 
 def test_cli_default_is_the_shipped_preset(tmp_path):
