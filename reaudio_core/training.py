@@ -1140,9 +1140,10 @@ class Trainer:
 
     def restore(self, state: dict) -> int:
         import yaml
-        saved = yaml.safe_load(state["config"])
-        if isinstance(saved.get("diffusion"), dict):  # written before diffusion.prediction_type existed: epsilon
-            saved["diffusion"].setdefault("prediction_type", "epsilon")
+        from .config import _merge
+        from .registry import get_registry
+        # keys added to the defaults after the checkpoint was written take their default value
+        saved = _merge(get_registry().defaults, yaml.safe_load(state["config"]))
         if _cfg_fingerprint(saved) != _cfg_fingerprint(self.cfg):
             diff = _first_difference(_cfg_fingerprint(saved), _cfg_fingerprint(self.cfg))
             raise ReaudioError(f"--resume: the configuration differs from the checkpoint's at {diff}; resume with "

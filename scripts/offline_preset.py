@@ -210,7 +210,6 @@ def diagnose(args) -> None:
     """x0 error per timestep on 20 real clips (one every 20 of the 400), conditional vs unconditional."""
     import csv
 
-    import numpy as np
     import torch
 
     from reaudio_core import mel as M
@@ -219,33 +218,24 @@ def diagnose(args) -> None:
     pipe = (ReAudioPipeline.from_pretrained(args.model, db=RUNS / "esc50-db") if args.model
             else ReAudioPipeline.from_preset("offline"))
     rows = list(csv.DictReader(open(DATA / "metadata.csv", encoding="utf-8")))[::20]
-    n = int(pipe.cfg["generation"]["duration"] * 16000)
-    with torch.no_grad():
-        z0 = []
-        for r in rows:
-            wav = load_audio(DATA / r["file"])[:n]
-            x = torch.from_numpy(np.pad(wav, (0, n - len(wav))))[None]
-            x = x - x.mean()
-            z0.append(pipe.decoder.encode(M.log_mel(0.5 * x / x.abs().max().clamp_min(1e-8))))
-        z0 = torch.cat(z0)
+    frames = M.seconds_to_frames(pipe.cfg["generation"]["duration"])
+    with torch.no_grad():  # the training front end: normalise, pad to the generation length, log-mel, encode
+        z0 = torch.cat([pipe.decoder.encode(M.waveform_to_mel(load_audio(DATA / r["file"]), frames)) for r in rows])
         mu, var = z0.mean((0, 2, 3), keepdim=True), z0.var((0, 2, 3), keepdim=True)
         cond, uncond, _ = pipe.condition([r["category"].replace("_", " ") for r in rows], pipe.cfg["generation"]["k"])
         sched = make_scheduler(pipe.cfg, "ddim")
-        kind = prediction_type(pipe.cfg)
+        sched.set_timesteps(sched.config.num_train_timesteps)  # step() below only for its x0 estimate
         g = torch.Generator().manual_seed(0)
-        print(f"model: {args.model or 'shipped offline preset'} ({kind}); {len(rows)} real clips; x0 MSE per element")
+        print(f"model: {args.model or 'shipped offline preset'} ({prediction_type(pipe.cfg)}); {len(rows)} real "
+              "clips; x0 MSE per element")
         print("| t | alpha_bar | conditional | unconditional | Gaussian prior (per-channel mean/var) |")
         print("|---|---|---|---|---|")
         for t in (999, 900, 800, 700, 600, 500, 400, 300, 200, 100, 50):
             a = sched.alphas_cumprod[t]
-            noise = torch.randn(z0.shape, generator=g)
-            zt = sched.add_noise(z0, noise, torch.tensor([t] * len(z0)))
-            errs = []
-            for c in (cond, uncond):
-                out = pipe.denoiser(zt, torch.tensor([t] * len(z0)), c)
-                x0 = a.sqrt() * zt - (1 - a).sqrt() * out if kind == "v_prediction" else \
-                    (zt - (1 - a).sqrt() * out) / a.sqrt()
-                errs.append(((x0 - z0) ** 2).mean().item())
+            ts = torch.full((len(z0),), t)
+            zt = sched.add_noise(z0, torch.randn(z0.shape, generator=g), ts)
+            errs = [((sched.step(pipe.denoiser(zt, ts, c), t, zt).pred_original_sample - z0) ** 2).mean().item()
+                    for c in (cond, uncond)]
             prior = mu + (a.sqrt() * var / (a * var + 1 - a)) * (zt - a.sqrt() * mu)
             print(f"| {t} | {a:.5f} | {errs[0]:.3f} | {errs[1]:.3f} | {((prior - z0) ** 2).mean():.3f} |")
 
