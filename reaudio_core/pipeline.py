@@ -202,8 +202,16 @@ class ReAudioPipeline:
 
     # -- conditioning -------------------------------------------------------------------
     def retrieve(self, prompt_emb: torch.Tensor, k: int) -> list[list[dict]]:
-        """Top-``k`` database items for each prompt embedding (``[P, d]``)."""
-        scores, ids = self.database.search(prompt_emb.numpy(), k)
+        """Top-``k`` database items for each prompt embedding (``[P, d]``), never one whose label is in
+        ``generation.exclude_labels``."""
+        hidden = set(self.cfg["generation"].get("exclude_labels") or [])
+        excl = None
+        if hidden:
+            ids = [i for i, it in enumerate(self.database.items) if it.get("label") in hidden]
+            if not ids:
+                raise ReaudioError(f"generation.exclude_labels {sorted(hidden)} matched no database item")
+            excl = [ids] * len(prompt_emb)
+        scores, ids = self.database.search(prompt_emb.numpy(), k, exclude_ids=excl)
         out = []
         for row_s, row_i in zip(scores, ids):
             out.append([{**self.database.items[i], "id": int(i), "score": float(s)}

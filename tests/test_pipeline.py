@@ -46,6 +46,15 @@ def test_tiny_generates_through_every_stage(pipe):
     assert out.neighbours[1][0]["caption"] == "rain falling on a roof"
 
 
+def test_excluded_labels_are_never_retrieved(tiny_db):
+    hide = ReAudioPipeline.from_config(compose("tiny", [], ["generation.exclude_labels=[dog,siren]"]), db=tiny_db)
+    nb = hide(["a dog barks", "a siren"], steps=1, progress=False).neighbours
+    assert all(len(n) == 2 and n[0]["label"] not in ("dog", "siren") for n in nb)
+    bad = ReAudioPipeline.from_config(compose("tiny", [], ["generation.exclude_labels=[cat]"]), db=tiny_db)
+    with pytest.raises(ReaudioError, match="matched no database item"):
+        bad("a cat", steps=1, progress=False)
+
+
 def test_same_seed_is_bit_identical_and_other_seed_differs(pipe):
     a = pipe("a dog barks", seed=7, progress=False).waveforms
     b = pipe("a dog barks", seed=7, progress=False).waveforms
