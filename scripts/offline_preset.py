@@ -18,7 +18,8 @@ Stages (each can be run alone; each resumes or skips what is already done):
 * ``diagnose`` - per noise level, the x0 error of a model's conditional and unconditional predictions on
   real clips, against the best Gaussian-prior guess: does the model use its conditions? (``--model DIR``)
 * ``heldout`` - retrains the LDM without some classes (their clips stay in the database) and measures
-  generation for those classes with retrieval on vs off -> docs/results/offline-heldout.{json,md}.
+  generation for those classes with retrieval on, on with their clips hidden, and off (the held-out and
+  the shipped model) -> docs/results/offline-heldout.{json,md}.
 """
 from __future__ import annotations
 
@@ -185,14 +186,16 @@ def check(args) -> None:
     _, probs = _classify(real)
     results["real_clips"] = {k: v for k, v in _score(labels, probs, [r["category"] for r in rows]).items()
                              if k != "predictions"}
-    # demo spectrograms
-    img = REPO / "docs" / "img"
-    img.mkdir(parents=True, exist_ok=True)
-    out = pipe(DEMO_PROMPTS, seed=0, progress=False)
-    for prompt, mel, nb in zip(out.prompts, out.mels, out.neighbours):
-        save_mel_png(img / f"offline-{prompt.replace(' ', '-')}.png", mel, title=prompt,
-                     captions=[n["caption"] for n in nb])
-    (RESULTS / "offline-check.json").write_text(json.dumps(results, indent=2))
+    # demo spectrograms of the shipped preset; a --model check writes offline-check-<run name>.* instead
+    stem = f"offline-check-{Path(args.model).resolve().parent.name}" if args.model else "offline-check"
+    if not args.model:
+        img = REPO / "docs" / "img"
+        img.mkdir(parents=True, exist_ok=True)
+        out = pipe(DEMO_PROMPTS, seed=0, progress=False)
+        for prompt, mel, nb in zip(out.prompts, out.mels, out.neighbours):
+            save_mel_png(img / f"offline-{prompt.replace(' ', '-')}.png", mel, title=prompt,
+                         captions=[n["caption"] for n in nb])
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
     md = [f"Model: {results['model']}; classifier: {results['classifier']}; 16 kHz; "
           f"{len(targets)} clips per row ({len(labels)} class prompts x {len(seeds)} seeds); "
           f"{pipe.cfg['generation']['duration']} s, {pipe.cfg['generation']['steps']} "
@@ -205,7 +208,7 @@ def check(args) -> None:
         md.append(f"| {name} | {r['top1']:.3f} | {r['top5']:.3f} | {r['p_target']:.3f} |")
     md += ["", "Most frequent confusions (retrieval on): " +
            ", ".join(f"{k} ({v})" for k, v in results["confusions"][:10]) + "."]
-    (RESULTS / "offline-check.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
@@ -309,7 +312,8 @@ def main() -> None:
     p.add_argument("stage", choices=["all", "train", "package", "check", "diagnose", "heldout"])
     p.add_argument("--procs", type=int, default=2, help="torchrun processes for the LDM stage (default 2)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per class prompt in check / heldout (default 2)")
-    p.add_argument("--model", help="check / diagnose a saved pipeline directory instead of the shipped preset")
+    p.add_argument("--model", help="check / diagnose a saved pipeline directory instead of the shipped preset "
+                   "(check writes docs/results/offline-check-<run name>.*)")
     p.add_argument("--heldout-steps", type=int, default=3200,
                    help="epsilon-stage LDM steps of the held-out-class model (default 3200, the shipped recipe)")
     p.add_argument("--heldout-v-steps", type=int, default=3000,
