@@ -46,13 +46,18 @@ class Generation:
     warnings: list[str] = field(default_factory=list)
 
 
-def make_scheduler(cfg: dict, sampler: str):
-    """A diffusers scheduler with the reference's training noise schedule (reference section 5) and the
-    denoiser's parameterisation (``diffusion.prediction_type``)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+def noise_schedule(cfg: dict) -> dict:
+    """The diffusers scheduler arguments shared by training (DDPMScheduler) and the samplers: the
+    reference's noise schedule (section 5) and the denoiser's parameterisation (``diffusion.prediction_type``)."""
     d = cfg["diffusion"]
-    common = dict(num_train_timesteps=d["num_train_timesteps"], beta_start=d["beta_start"],
-                  beta_end=d["beta_end"], beta_schedule=d["beta_schedule"], prediction_type=prediction_type(cfg))
+    return dict(num_train_timesteps=d["num_train_timesteps"], beta_start=d["beta_start"],
+                beta_end=d["beta_end"], beta_schedule=d["beta_schedule"], prediction_type=prediction_type(cfg))
+
+
+def make_scheduler(cfg: dict, sampler: str):
+    """A diffusers sampling scheduler (``ddim`` or ``dpm-solver``) on :func:`noise_schedule`."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    common = noise_schedule(cfg)
     if sampler == "ddim":
         return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     if sampler == "dpm-solver":

@@ -765,12 +765,10 @@ class LdmStage(Stage):
         self.dataset = self.make_dataset(clips, multiple=self.decoder.compression * self.denoiser.downsample)
         self.dataset.want_mel = not self.t["cache_latents"]
         self.features()
-        from diffusers import DDPMScheduler  # the training-noise schedule of pipeline.make_scheduler's samplers
-        from .pipeline import prediction_type
-        dcfg = cfg["diffusion"]
-        self.scheduler = DDPMScheduler(num_train_timesteps=dcfg["num_train_timesteps"], beta_start=dcfg["beta_start"],
-                                       beta_end=dcfg["beta_end"], beta_schedule=dcfg["beta_schedule"],
-                                       prediction_type=prediction_type(cfg))
+        from diffusers import DDPMScheduler
+
+        from .pipeline import noise_schedule  # the samplers' schedule too
+        self.scheduler = DDPMScheduler(**noise_schedule(cfg))
         self.objective = LdmObjective(self.denoiser, self.scheduler, self.uncond,
                                       float(self.t["cfg_drop_all"]), float(self.t["cfg_drop_prompt"]))
         if self.t["cache_latents"]:
