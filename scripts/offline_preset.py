@@ -15,6 +15,8 @@ Stages (each can be run alone; each resumes or skips what is already done):
 * ``check``   - generates one clip per ESC-50 class prompt with the shipped preset, retrieval on and off,
   and classifies them with the esc50-classifier feature model (trained on the same real clips): top-1 /
   top-5 over the 50 classes and a confusion summary -> docs/results/offline-check.{json,md}, PNGs.
+* ``ceiling`` - the 400 real clips classified as they are, after log-mel -> vocoder, and after log-mel ->
+  VAE -> vocoder: what the VAE and vocoder let through, whatever the LDM does -> docs/results/offline-ceiling.*
 * ``diagnose`` - per noise level, the x0 error of a model's conditional and unconditional predictions on
   real clips, against the best Gaussian-prior guess: does the model use its conditions? (``--model DIR``)
 * ``heldout`` - retrains the LDM without some classes (their clips stay in the database) and measures
@@ -307,12 +309,62 @@ def heldout(args) -> None:
     print("\n".join(md))
 
 
+def ceiling(args) -> None:
+    """How much of each class survives the preset's front end, VAE and vocoder without any diffusion: all 400
+    real clips classified as they are, after log-mel -> vocoder, and after log-mel -> VAE -> vocoder."""
+    import csv
+
+    import numpy as np
+    import torch
+
+    from reaudio_core import mel as M
+    from reaudio_core.audio import load_audio
+    from reaudio_core.pipeline import ReAudioPipeline
+    pipe = ReAudioPipeline.from_preset("offline") if not args.model else ReAudioPipeline.from_pretrained(args.model)
+    rows = list(csv.DictReader(open(DATA / "metadata.csv", encoding="utf-8")))
+    targets = [r["category"] for r in rows]
+    frames = M.seconds_to_frames(pipe.cfg["generation"]["duration"])
+    t0 = time.time()
+    real, vocoded, through_vae = [], [], []
+    with torch.no_grad():
+        for r in rows:
+            wav = load_audio(DATA / r["file"])
+            mel = M.waveform_to_mel(wav, frames)
+            real.append(wav)
+            vocoded.append(pipe.vocoder(mel)[0])
+            through_vae.append(pipe.vocoder(pipe.decoder.decode(pipe.decoder.encode(mel)))[0])
+    results = {"model": "offline preset (plugins/weights/offline)" if not args.model else str(args.model),
+               "classifier": "esc50-classifier (plugins/weights/esc50-classifier)", "sample_rate": 16000,
+               "clips": len(rows), "rows": {}}
+    names = {"real": "real clips", "vocoder": "real clips -> log-mel -> vocoder",
+             "vae": "real clips -> log-mel -> VAE encode/decode (latent mean) -> vocoder"}
+    for key, waves in (("real", real), ("vocoder", vocoded), ("vae", through_vae)):
+        labels, probs = _classify(waves)
+        s = _score(labels, probs, targets)
+        s["per_class_top1"] = {c: float(np.mean([p == c for t, p in zip(targets, s["predictions"]) if t == c]))
+                               for c in labels}
+        results["rows"][key] = s
+    results["seconds"] = round(time.time() - t0, 1)
+    (RESULTS / "offline-ceiling.json").write_text(json.dumps(results, indent=2))
+    md = [f"Model: {results['model']}; classifier: {results['classifier']} (trained on these same clips); all "
+          f"{len(rows)} ESC-50 fold-4 clips, 16 kHz, padded or cut to {pipe.cfg['generation']['duration']} s. "
+          "No diffusion: the ceiling the VAE and vocoder put on anything the LDM generates.", "",
+          "| clips | top-1 | top-5 | mean p(true class) |", "|---|---|---|---|"]
+    for key, s in results["rows"].items():
+        md.append(f"| {names[key]} | {s['top1']:.3f} | {s['top5']:.3f} | {s['p_target']:.3f} |")
+    per = results["rows"]["vae"]["per_class_top1"]
+    md += ["", "Top-1 per class after the VAE (8 clips each), worst first: " +
+           ", ".join(f"{c} {v:.2f}" for c, v in sorted(per.items(), key=lambda kv: kv[1])) + "."]
+    (RESULTS / "offline-ceiling.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["all", "train", "package", "check", "diagnose", "heldout"])
+    p.add_argument("stage", choices=["all", "train", "package", "check", "ceiling", "diagnose", "heldout"])
     p.add_argument("--procs", type=int, default=2, help="torchrun processes for the LDM stage (default 2)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per class prompt in check / heldout (default 2)")
-    p.add_argument("--model", help="check / diagnose a saved pipeline directory instead of the shipped preset "
+    p.add_argument("--model", help="check / ceiling / diagnose a saved pipeline directory instead of the shipped preset "
                    "(check writes docs/results/offline-check-<run name>.*)")
     p.add_argument("--heldout-steps", type=int, default=3200,
                    help="epsilon-stage LDM steps of the held-out-class model (default 3200, the shipped recipe)")

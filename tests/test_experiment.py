@@ -137,7 +137,8 @@ def test_bad_experiment_files_say_what_is_wrong(tmp_path):
 
 
 # -- dry runs of the shipped configs ------------------------------------------------------------------------
-@pytest.mark.parametrize("name,trainings,cells,prompts", [("esc50-offline", 13, 39, 50), ("esc50-ci", 3, 6, 10)])
+@pytest.mark.parametrize("name,trainings,cells,prompts", [("esc50-offline", 13, 39, 50), ("esc50-small", 4, 21, 20),
+                                                         ("esc50-ci", 3, 6, 10)])
 def test_dry_run_of_the_esc50_configs(shared_data, capsys, monkeypatch, tmp_path, name, trainings, cells, prompts):
     monkeypatch.chdir(REPO)
     rc = main(["experiment", "--config", f"configs/experiments/{name}.yaml", "--dry-run", "--out", str(tmp_path / name)])
