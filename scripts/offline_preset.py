@@ -26,6 +26,7 @@ Stages (each can be run alone; each resumes or skips what is already done):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -114,11 +115,17 @@ def package(args) -> None:
 
 
 # -- checks -------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _classifier():
+    """The esc50-classifier feature model, loaded once per run (check and heldout classify several times)."""
+    from reaudio_core.registry import create
+    return create("feature_model", "esc50-classifier")
+
+
 def _classify(wavs):
     import torch
 
-    from reaudio_core.registry import create
-    clf = create("feature_model", "esc50-classifier")
+    clf = _classifier()
     logits = clf.logits([w.numpy() if hasattr(w, "numpy") else w for w in wavs])
     return clf.labels, torch.softmax(logits.float(), -1)
 
@@ -144,6 +151,12 @@ def _score(labels, probs, targets):
     return {"top1": float(np.mean(pred == idx)), "top5": float(np.mean([i in row for i, row in zip(idx, top5)])),
             "p_target": float(np.mean([probs[n, i].item() for n, i in enumerate(idx)])),
             "predictions": [labels[p] for p in pred]}
+
+
+def _per_class(targets, predictions, classes):
+    """Top-1 per class: the share of each class's clips whose prediction is that class."""
+    import numpy as np
+    return {c: float(np.mean([p == c for t, p in zip(targets, predictions) if t == c])) for c in classes}
 
 
 def check(args) -> None:
@@ -178,8 +191,7 @@ def check(args) -> None:
         if t != p:
             wrong[f"{t} -> {p}"] = wrong.get(f"{t} -> {p}", 0) + 1
     results["confusions"] = sorted(wrong.items(), key=lambda kv: -kv[1])[:15]
-    per_class = {c: float(np.mean([p == c for t, p in zip(targets, preds) if t == c])) for c in labels}
-    results["per_class_top1"] = per_class
+    results["per_class_top1"] = _per_class(targets, preds, labels)
     # real clips through the same classifier: the ceiling (they are its own training data)
     from reaudio_core.audio import load_audio
     import csv
@@ -279,8 +291,7 @@ def heldout(args) -> None:
             nb = []
             labels, probs = _classify(_generate(pipe, prompts, seeds, neighbours=nb))
             s = _score(labels, probs, targets)
-            s["per_class_top1"] = {c: float(np.mean([p == c for t, p in zip(targets, s["predictions"]) if t == c]))
-                                   for c in HELDOUT_CLASSES}
+            s["per_class_top1"] = _per_class(targets, s["predictions"], HELDOUT_CLASSES)
             # how many retrieved neighbours carry the asked class (0 when hidden or off)
             s["neighbours_of_asked_class"] = float(np.mean([n["label"] == t for t, row in zip(targets, nb)
                                                             for n in row])) if any(nb) else 0.0
@@ -314,7 +325,6 @@ def ceiling(args) -> None:
     real clips classified as they are, after log-mel -> vocoder, and after log-mel -> VAE -> vocoder."""
     import csv
 
-    import numpy as np
     import torch
 
     from reaudio_core import mel as M
@@ -341,8 +351,7 @@ def ceiling(args) -> None:
     for key, waves in (("real", real), ("vocoder", vocoded), ("vae", through_vae)):
         labels, probs = _classify(waves)
         s = _score(labels, probs, targets)
-        s["per_class_top1"] = {c: float(np.mean([p == c for t, p in zip(targets, s["predictions"]) if t == c]))
-                               for c in labels}
+        s["per_class_top1"] = _per_class(targets, s["predictions"], labels)
         results["rows"][key] = s
     results["seconds"] = round(time.time() - t0, 1)
     (RESULTS / "offline-ceiling.json").write_text(json.dumps(results, indent=2))
