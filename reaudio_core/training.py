@@ -400,6 +400,22 @@ def torch_module(component, what: str) -> nn.Module:
     raise ReaudioError(f"{what} {type(component).__name__} exposes no torch module to train")
 
 
+def lr_factor(warmup: int, max_steps: int, decay: str):
+    """The learning-rate multiplier of step ``s``: linear warm-up over ``warmup`` steps, then constant
+    (``decay: none``) or a cosine from 1 to 0 at ``max_steps`` (``decay: cosine``)."""
+    if decay not in ("none", "cosine"):
+        raise ReaudioError(f"training.lr_decay must be none or cosine, got {decay!r}")
+
+    def factor(s: int) -> float:
+        if warmup > 0 and s < warmup:
+            return (s + 1) / warmup
+        if decay == "cosine":
+            span = max(1, max_steps - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - warmup) / span)))
+        return 1.0
+    return factor
+
+
 def load_or_build(cfg: dict, slot: str):
     """The component in ``slot``, built from its entry. Weights come through the component's own
     parameters (``checkpoint: DIR`` for vae, hifigan, unet-ldm; ``weights: DIR`` for vae-latent), e.g.
@@ -658,6 +674,16 @@ class VaeStage(Stage):
         self.decoder = load_or_build(cfg, "decoder")
         self.dataset = self.make_dataset(clips, multiple=self.decoder.compression)
         self.objective = VaeObjective(self.decoder, self.t["recon_loss"], float(self.t["kl_weight"]))
+        self.freeze_encoder = bool(self.t["freeze_encoder"])
+        if self.freeze_encoder:
+            # A better decoder for an LDM already trained on this VAE's latents: the encoder (and so the
+            # latent space and its scale_factor) stays exactly as loaded; only the decoder side trains.
+            if not cfg["decoder"].get("params", {}).get("checkpoint"):
+                raise ReaudioError("training.freeze_encoder needs a trained VAE to start from: set "
+                                   "decoder.params.checkpoint=DIR (OUT/final/decoder of a vae run)")
+            for name, p in self.objective.ae.named_parameters():
+                if name.split(".")[0] in ("encoder", "quant_conv"):
+                    p.requires_grad_(False)
 
     @torch.no_grad()
     def measure_scale_factor(self, mel: torch.Tensor, seed: int) -> float:
@@ -674,6 +700,9 @@ class VaeStage(Stage):
         return 1.0 / std
 
     def finish(self, first_batch: dict, seed: int) -> None:
+        if self.freeze_encoder:  # same encoder, same latents: the LDM's scale_factor must not move
+            self.scale_factor = self.decoder.scale_factor
+            return
         self.scale_factor = self.measure_scale_factor(first_batch["mel"], seed)
         self.decoder.scale_factor = self.scale_factor
 
@@ -1107,9 +1136,8 @@ class Trainer:
                 find_unused_parameters=bool(t["ddp_find_unused"]))
         self.optimizer = torch.optim.AdamW(self.params, lr=float(t["lr"]), betas=tuple(t["betas"]),
                                            weight_decay=float(t["weight_decay"]))
-        warm = int(t["warmup_steps"])
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+            self.optimizer, lr_factor(int(t["warmup_steps"]), int(t["max_steps"]), t["lr_decay"]))
         self.ema = None
         if float(t["ema_decay"]) > 0:
             from diffusers.training_utils import EMAModel

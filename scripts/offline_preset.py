@@ -6,7 +6,8 @@ One command retrains the shipped weights from the real ESC-50 fold-4 audio and r
 
 Stages (each can be run alone; each resumes or skips what is already done):
 
-* ``train``   - ``reaudio train`` with configs/offline-vae.yaml, ``reaudio index build`` of the 400 clips,
+* ``train``   - ``reaudio train`` with configs/offline-vae.yaml, then configs/offline-vae-decoder.yaml (a longer-trained
+  decoder on the frozen encoder), ``reaudio index build`` of the 400 clips,
   ``reaudio train`` with configs/offline-ldm.yaml (epsilon prediction) and then configs/offline-ldm-v.yaml
   (its fine-tune to v-prediction), both under torchrun with 2 CPU processes, into ``runs/``.
 * ``package`` - copies the final LDM export (runs/offline-ldm-v/final) into ``plugins/weights/offline/`` (the files the ``offline`` preset
@@ -17,6 +18,8 @@ Stages (each can be run alone; each resumes or skips what is already done):
   top-5 over the 50 classes and a confusion summary -> docs/results/offline-check.{json,md}, PNGs.
 * ``ceiling`` - the 400 real clips classified as they are, after log-mel -> vocoder, and after log-mel ->
   VAE -> vocoder: what the VAE and vocoder let through, whatever the LDM does -> docs/results/offline-ceiling.*
+* ``vae-l1``  - log-mel L1 of the VAE round trip on the 400 clips, stage-1 VAE against the stage-1b decoder
+  -> docs/results/offline-vae-l1.{md,json}
 * ``diagnose`` - per noise level, the x0 error of a model's conditional and unconditional predictions on
   real clips, against the best Gaussian-prior guess: does the model use its conditions? (``--model DIR``)
 * ``heldout`` - retrains the LDM without some classes (their clips stay in the database) and measures
@@ -42,6 +45,8 @@ SHIPPED = REPO / "plugins" / "weights" / "offline"
 RESULTS = REPO / "docs" / "results"
 HELDOUT_CLASSES = ["rooster", "crow", "chainsaw", "clock_tick", "hand_saw"]
 DEMO_PROMPTS = ["dog barking", "rain", "church bells", "siren"]
+DEMO_CLASSES = ["dog", "rain", "church_bells", "siren"]  # what each demo prompt asks for
+DEMO_SEEDS = 4
 
 
 def reaudio(*args: str, procs: int = 1) -> None:
@@ -63,6 +68,7 @@ def _train_stage(config: str, out: Path, *overrides: str, procs: int = 1) -> Non
 
 def train(args) -> None:
     _train_stage("configs/offline-vae.yaml", RUNS / "offline-vae")
+    _train_stage("configs/offline-vae-decoder.yaml", RUNS / "offline-vae-decoder")
     if not (RUNS / "esc50-db" / "CURRENT").exists():
         reaudio("index", "build", "--manifest", str(DATA / "metadata.csv"), "--out", str(RUNS / "esc50-db"))
     _train_stage("configs/offline-ldm.yaml", RUNS / "offline-ldm", procs=args.procs)
@@ -166,6 +172,8 @@ def check(args) -> None:
     from reaudio_core.plots import save_mel_png
     RESULTS.mkdir(parents=True, exist_ok=True)
     pipe = ReAudioPipeline.from_preset("offline") if not args.model else ReAudioPipeline.from_pretrained(args.model)
+    if args.guidance is not None:
+        pipe.cfg["generation"]["guidance"] = args.guidance
     labels = _classify([np.zeros(16000, np.float32)])[0]
     prompts = [label.replace("_", " ") for label in labels]
     seeds = list(range(args.seeds))
@@ -200,15 +208,22 @@ def check(args) -> None:
     _, probs = _classify(real)
     results["real_clips"] = {k: v for k, v in _score(labels, probs, [r["category"] for r in rows]).items()
                              if k != "predictions"}
-    # demo spectrograms of the shipped preset; a --model check writes offline-check-<run name>.* instead
+    # demo spectrograms of the shipped preset at its own settings (other checks: offline-check-<run name/guidance>.*)
     stem = f"offline-check-{Path(args.model).resolve().parent.name}" if args.model else "offline-check"
-    if not args.model:
+    if args.guidance is not None:
+        stem += f"-guidance{args.guidance:g}"
+    if stem == "offline-check":
         img = REPO / "docs" / "img"
         img.mkdir(parents=True, exist_ok=True)
         out = pipe(DEMO_PROMPTS, seed=0, progress=False)
         for prompt, mel, nb in zip(out.prompts, out.mels, out.neighbours):
             save_mel_png(img / f"offline-{prompt.replace(' ', '-')}.png", mel, title=prompt,
                          captions=[n["caption"] for n in nb])
+    # the issue's four demo prompts, DEMO_SEEDS seeds each: what the classifier hears
+    _, probs = _classify(_generate(pipe, DEMO_PROMPTS, range(DEMO_SEEDS)))
+    heard = [labels[i] for i in probs.argmax(-1).tolist()]
+    results["demo"] = {p: {"asked": c, "top1_per_seed": heard[i::len(DEMO_PROMPTS)]}
+                       for i, (p, c) in enumerate(zip(DEMO_PROMPTS, DEMO_CLASSES))}
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
     md = [f"Model: {results['model']}; classifier: {results['classifier']}; 16 kHz; "
           f"{len(targets)} clips per row ({len(labels)} class prompts x {len(seeds)} seeds); "
@@ -222,6 +237,9 @@ def check(args) -> None:
         md.append(f"| {name} | {r['top1']:.3f} | {r['top5']:.3f} | {r['p_target']:.3f} |")
     md += ["", "Most frequent confusions (retrieval on): " +
            ", ".join(f"{k} ({v})" for k, v in results["confusions"][:10]) + "."]
+    md += ["", f"Demo prompts (retrieval on, seeds 0-{DEMO_SEEDS - 1}; classifier's top-1 per seed): " + "; ".join(
+        f"\"{p}\" -> {', '.join(d['top1_per_seed'])} ({sum(h == d['asked'] for h in d['top1_per_seed'])}/{DEMO_SEEDS} "
+        f"{d['asked']})" for p, d in results["demo"].items()) + "."]
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
@@ -282,10 +300,15 @@ def heldout(args) -> None:
     # same database with them hidden (generation.exclude_labels: what the model knows without them), off
     settings = {"retrieval on": ("audio+text", []), "retrieval on, class clips hidden": ("audio+text", HELDOUT_CLASSES),
                 "retrieval off": ("none", [])}
+    # both models sample with the same guidance: --guidance, else the shipped preset's
+    from reaudio_core.config import compose
+    guidance = args.guidance if args.guidance is not None else compose("offline")["generation"]["guidance"]
+    results["guidance"] = guidance
     t0 = time.time()
     for mname, mdir in (("held-out model", out / "final"), ("full model (shipped preset)", None)):
         pipe = ReAudioPipeline.from_preset("offline") if mdir is None else \
             ReAudioPipeline.from_pretrained(mdir, db=RUNS / "esc50-db")
+        pipe.cfg["generation"]["guidance"] = guidance
         for sname, (retrieval, hidden) in settings.items():
             pipe.cfg["generation"]["retrieval"], pipe.cfg["generation"]["exclude_labels"] = retrieval, list(hidden)
             nb = []
@@ -304,7 +327,8 @@ def heldout(args) -> None:
           f"held-out model trained for {args.heldout_steps} epsilon + {args.heldout_v_steps} v steps (the full model: "
           "3200 + 3000, configs/offline-ldm.yaml + configs/offline-ldm-v.yaml). The VAE (and so the retrieved-audio "
           "encoder) is the shipped one, trained on all 400 clips without labels. "
-          f"{len(targets)} clips per row ({len(prompts)} prompts x {len(seeds)} seeds; 5.12 s, 16 kHz), classified by "
+          f"{len(targets)} clips per row ({len(prompts)} prompts x {len(seeds)} seeds; 5.12 s, 16 kHz, guidance "
+          f"{guidance:g}), classified by "
           "esc50-classifier over all 50 classes (chance: top-1 0.02, top-5 0.10). 'class clips hidden' = "
           "generation.exclude_labels set to the 5 classes, so retrieval returns other classes' clips.", "",
           "| model / retrieval at generation | retrieved neighbours of the asked class | top-1 | top-5 | "
@@ -329,27 +353,36 @@ def ceiling(args) -> None:
 
     from reaudio_core import mel as M
     from reaudio_core.audio import load_audio
+    from tqdm import tqdm
+
     from reaudio_core.pipeline import ReAudioPipeline
     pipe = ReAudioPipeline.from_preset("offline") if not args.model else ReAudioPipeline.from_pretrained(args.model)
     rows = list(csv.DictReader(open(DATA / "metadata.csv", encoding="utf-8")))
     targets = [r["category"] for r in rows]
     frames = M.seconds_to_frames(pipe.cfg["generation"]["duration"])
+    # --vae-only: the real and vocoder rows do not involve the VAE; keep them from the last full run
+    previous = RESULTS / "offline-ceiling.json"
+    kept = {k: v for k, v in json.loads(previous.read_text())["rows"].items() if k in ("real", "vocoder")} \
+        if args.vae_only and previous.exists() else {}
+    if args.vae_only and not {"real", "vocoder"} <= set(kept):
+        raise SystemExit(f"--vae-only needs the real and vocoder rows of a full ceiling run in {previous}")
     t0 = time.time()
-    real, vocoded, through_vae = [], [], []
+    waves = {key: [] for key in ("real", "vocoder", "vae") if key not in kept}
     with torch.no_grad():
-        for r in rows:
+        for r in tqdm(rows, desc="ceiling", unit="clip"):
             wav = load_audio(DATA / r["file"])
             mel = M.waveform_to_mel(wav, frames)
-            real.append(wav)
-            vocoded.append(pipe.vocoder(mel)[0])
-            through_vae.append(pipe.vocoder(pipe.decoder.decode(pipe.decoder.encode(mel)))[0])
+            if "real" in waves:
+                waves["real"].append(wav)
+                waves["vocoder"].append(pipe.vocoder(mel)[0])
+            waves["vae"].append(pipe.vocoder(pipe.decoder.decode(pipe.decoder.encode(mel)))[0])
     results = {"model": "offline preset (plugins/weights/offline)" if not args.model else str(args.model),
                "classifier": "esc50-classifier (plugins/weights/esc50-classifier)", "sample_rate": 16000,
-               "clips": len(rows), "rows": {}}
+               "clips": len(rows), "rows": dict(kept), "rows_kept_from_previous_run": sorted(kept)}
     names = {"real": "real clips", "vocoder": "real clips -> log-mel -> vocoder",
              "vae": "real clips -> log-mel -> VAE encode/decode (latent mean) -> vocoder"}
-    for key, waves in (("real", real), ("vocoder", vocoded), ("vae", through_vae)):
-        labels, probs = _classify(waves)
+    for key, clips in waves.items():
+        labels, probs = _classify(clips)
         s = _score(labels, probs, targets)
         s["per_class_top1"] = _per_class(targets, s["predictions"], labels)
         results["rows"][key] = s
@@ -361,6 +394,9 @@ def ceiling(args) -> None:
           "| clips | top-1 | top-5 | mean p(true class) |", "|---|---|---|---|"]
     for key, s in results["rows"].items():
         md.append(f"| {names[key]} | {s['top1']:.3f} | {s['top5']:.3f} | {s['p_target']:.3f} |")
+    if kept:
+        md += ["", f"Rows {' and '.join(repr(names[k]) for k in sorted(kept))}: kept from the previous full run "
+               "(`ceiling` without --vae-only); they do not involve the VAE."]
     per = results["rows"]["vae"]["per_class_top1"]
     md += ["", "Top-1 per class after the VAE (8 clips each), worst first: " +
            ", ".join(f"{c} {v:.2f}" for c, v in sorted(per.items(), key=lambda kv: kv[1])) + "."]
@@ -368,13 +404,45 @@ def ceiling(args) -> None:
     print("\n".join(md))
 
 
+def vae_l1(args) -> None:
+    """Log-mel L1 of the VAE round trip (posterior mean, full 5.12 s clips) on all 400 clips, for the stage-1
+    VAE and the stage-1b decoder (same encoder): how much sharper the shipped decoder is."""
+    import csv
+
+    import torch
+
+    from reaudio_core import mel as M
+    from reaudio_core.audio import load_audio
+    from reaudio_plugins.vae import VAE
+    rows = list(csv.DictReader(open(DATA / "metadata.csv", encoding="utf-8")))
+    mels = torch.cat([M.waveform_to_mel(load_audio(DATA / r["file"]), M.seconds_to_frames(5.12)) for r in rows])
+    md = [f"Log-mel L1 (natural-log mel units, mean over elements) of mel -> VAE encode (posterior mean) -> decode, "
+          f"all {len(rows)} ESC-50 fold-4 clips, 16 kHz, 5.12 s.", "", "| VAE | L1 |", "|---|---|"]
+    results = {}
+    for name in ("offline-vae", "offline-vae-decoder"):
+        vae = VAE.from_pretrained(RUNS / name / "final" / "decoder")
+        with torch.no_grad():
+            err = torch.cat([(vae.decode(vae.encode(m)) - m).abs().mean((1, 2)) for m in mels.split(25)])
+        results[name] = float(err.mean())
+        md.append(f"| runs/{name}/final/decoder | {results[name]:.3f} |")
+    (RESULTS / "offline-vae-l1.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / "offline-vae-l1.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["all", "train", "package", "check", "ceiling", "diagnose", "heldout"])
+    p.add_argument("stage", choices=["all", "train", "package", "check", "ceiling", "vae-l1", "diagnose", "heldout"])
     p.add_argument("--procs", type=int, default=2, help="torchrun processes for the LDM stage (default 2)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per class prompt in check / heldout (default 2)")
     p.add_argument("--model", help="check / ceiling / diagnose a saved pipeline directory instead of the shipped preset "
                    "(check writes docs/results/offline-check-<run name>.*)")
+    p.add_argument("--guidance", type=float,
+                   help="check / heldout: this classifier-free guidance scale instead of the preset's (check "
+                        "writes docs/results/offline-check[-<run name>]-guidance<G>.*, without spectrograms)")
+    p.add_argument("--vae-only", action="store_true",
+                   help="ceiling: measure only the VAE row; the real and vocoder rows (no VAE in them) are kept "
+                        "from the last full run's docs/results/offline-ceiling.json")
     p.add_argument("--heldout-steps", type=int, default=3200,
                    help="epsilon-stage LDM steps of the held-out-class model (default 3200, the shipped recipe)")
     p.add_argument("--heldout-v-steps", type=int, default=3000,
@@ -383,7 +451,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     stages = ["train", "package", "check", "heldout"] if args.stage == "all" else [args.stage]
     for stage in stages:
-        globals()[stage](args)
+        globals()[stage.replace("-", "_")](args)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,16 @@ def test_shipped_files_are_small_safetensors_with_a_model_card():
     assert "CC BY-NC 3.0" in card and "esc50-fold4" in card
 
 
+def test_decoder_and_audio_encoder_share_the_latent_space():
+    """The shipped decoder (stage 1b: decoder retrained on a frozen encoder) must invert the same encoder
+    the LDM was trained on and the retrieved-audio tokens come from: same encoder weights, byte for byte."""
+    from safetensors.torch import load_file
+    enc = load_file(SHIPPED / "audio_encoder" / "vae" / "encoder.safetensors")
+    vae = load_file(SHIPPED / "decoder" / "model.safetensors")
+    assert {k for k in vae if k.split(".")[0] in ("encoder", "quant_conv")} == set(enc)
+    assert all(torch.equal(enc[k], vae[k]) for k in enc)
+
+
 def test_generation_needs_no_source_audio(pipe, monkeypatch):
     import reaudio_core.audio as audio
     monkeypatch.setattr(audio, "load_audio", lambda *a, **k: pytest.fail("read source audio"))

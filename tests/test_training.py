@@ -151,6 +151,39 @@ def test_vae_stage_skips_bad_audio_and_exports_scale_factor(tmp_path, data):
     assert state["step"] == 3 and state["ema"] is not None and "python_state" in state["rng"]
 
 
+def test_vae_freeze_encoder_trains_the_decoder_only(tmp_path, data, vae_dir):
+    """Stage 1b of the offline preset: a new decoder for a VAE whose latents an LDM was trained on."""
+    from safetensors.torch import load_file
+
+    from reaudio_plugins.vae import VAE
+    cfg = compose(None, [vae_yaml(tmp_path, data / "m.csv", freeze_encoder=True, ema_decay=0, lr_decay="cosine")],
+                  overrides=[f"decoder.params={{checkpoint: {vae_dir}}}"])
+    result = T.train(cfg, tmp_path / "out", progress=False)
+    before, after = load_file(vae_dir / "model.safetensors"), load_file(tmp_path / "out/final/decoder/model.safetensors")
+    frozen = [k for k in before if k.split(".")[0] in ("encoder", "quant_conv")]
+    trained = [k for k in before if k.split(".")[0] in ("decoder", "post_quant_conv")]
+    assert frozen and trained and set(before) == set(after)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+    # same encoder, same latent space: the scale factor an LDM was trained with is kept, not re-measured
+    assert VAE.from_pretrained(tmp_path / "out/final/decoder").scale_factor == 0.9 == result.extra["scale_factor"]
+    lrs = [r["lr"] for r in log_rows(tmp_path / "out")]
+    assert lrs[-1] < lrs[-2]  # cosine decay after the 2 warm-up steps
+    with pytest.raises(ReaudioError, match="freeze_encoder needs a trained VAE"):
+        T.train(compose(None, [vae_yaml(tmp_path, data / "m.csv", freeze_encoder=True)]), tmp_path / "o2",
+                progress=False)
+
+
+def test_lr_factor_warmup_then_constant_or_cosine():
+    const, cos = T.lr_factor(4, 14, "none"), T.lr_factor(4, 14, "cosine")
+    assert [const(s) for s in range(4)] == [cos(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert const(10) == const(100) == 1.0
+    assert cos(4) == 1.0 and cos(9) == pytest.approx(0.5) and cos(14) == pytest.approx(0.0) and cos(20) == pytest.approx(0.0)
+    assert T.lr_factor(0, 10, "none")(0) == 1.0
+    with pytest.raises(ReaudioError, match="lr_decay"):
+        T.lr_factor(0, 10, "linear")
+
+
 def test_vocoder_stage_gets_gradients_and_exports(tmp_path, data):
     from reaudio_plugins.hifigan import HiFiGAN
     cfg = {"vocoder": {"name": "hifigan", "params": {"upsample_initial_channel": 32, "resblock_kernel_sizes": [3],
