@@ -167,6 +167,7 @@ def _per_class(targets, predictions, classes):
 
 def check(args) -> None:
     import numpy as np
+    import torch
 
     from reaudio_core.pipeline import ReAudioPipeline
     from reaudio_core.plots import save_mel_png
@@ -212,15 +213,15 @@ def check(args) -> None:
     stem = f"offline-check-{Path(args.model).resolve().parent.name}" if args.model else "offline-check"
     if args.guidance is not None:
         stem += f"-guidance{args.guidance:g}"
+    # the four demo prompts, DEMO_SEEDS seeds each: what the classifier hears (seed 0 also drawn)
+    demo = [pipe(DEMO_PROMPTS, seed=seed, progress=False) for seed in range(DEMO_SEEDS)]
     if stem == "offline-check":
         img = REPO / "docs" / "img"
         img.mkdir(parents=True, exist_ok=True)
-        out = pipe(DEMO_PROMPTS, seed=0, progress=False)
-        for prompt, mel, nb in zip(out.prompts, out.mels, out.neighbours):
+        for prompt, mel, nb in zip(demo[0].prompts, demo[0].mels, demo[0].neighbours):
             save_mel_png(img / f"offline-{prompt.replace(' ', '-')}.png", mel, title=prompt,
                          captions=[n["caption"] for n in nb])
-    # the four demo prompts, DEMO_SEEDS seeds each: what the classifier hears
-    _, probs = _classify(_generate(pipe, DEMO_PROMPTS, range(DEMO_SEEDS)))
+    _, probs = _classify(list(torch.cat([out.waveforms for out in demo])))
     heard = [labels[i] for i in probs.argmax(-1).tolist()]
     results["demo"] = {p: {"asked": c, "top1_per_seed": heard[i::len(DEMO_PROMPTS)]}
                        for i, (p, c) in enumerate(zip(DEMO_PROMPTS, DEMO_CLASSES))}
