@@ -8,9 +8,10 @@ Stages (each can be run alone; each resumes or skips what is already done):
 
 * ``train``   - ``reaudio train`` with configs/offline-vae.yaml, then configs/offline-vae-decoder.yaml (a longer-trained
   decoder on the frozen encoder), ``reaudio index build`` of the 400 clips,
-  ``reaudio train`` with configs/offline-ldm.yaml (epsilon prediction) and then configs/offline-ldm-v.yaml
-  (its fine-tune to v-prediction), both under torchrun with 2 CPU processes, into ``runs/``.
-* ``package`` - copies the final LDM export (runs/offline-ldm-v/final) into ``plugins/weights/offline/`` (the files the ``offline`` preset
+  ``reaudio train`` with configs/offline-ldm.yaml (epsilon prediction), configs/offline-ldm-v.yaml
+  (its fine-tune to v-prediction) and configs/offline-ldm-v-anneal.yaml (that fine-tune continued with the
+  learning rate decayed to 0), all under torchrun with 2 CPU processes, into ``runs/``.
+* ``package`` - copies the final LDM export (runs/offline-ldm-v-anneal/final) into ``plugins/weights/offline/`` (the files the ``offline`` preset
   of registry.yaml loads), builds the preset's retrieval database there (MiniLM caption embeddings,
   FAISS) and caches the retrieved-audio tokens in it, so generation never needs the source audio.
 * ``check``   - generates one clip per ESC-50 class prompt with the shipped preset, retrieval on and off,
@@ -73,6 +74,7 @@ def train(args) -> None:
         reaudio("index", "build", "--manifest", str(DATA / "metadata.csv"), "--out", str(RUNS / "esc50-db"))
     _train_stage("configs/offline-ldm.yaml", RUNS / "offline-ldm", procs=args.procs)
     _train_stage("configs/offline-ldm-v.yaml", RUNS / "offline-ldm-v", procs=args.procs)
+    _train_stage("configs/offline-ldm-v-anneal.yaml", RUNS / "offline-ldm-v-anneal", procs=args.procs)
 
 
 def package(args) -> None:
@@ -83,7 +85,7 @@ def package(args) -> None:
     from reaudio_core.config import compose, save_config
     from reaudio_core.database import build_database
     from reaudio_core.pipeline import ReAudioPipeline
-    src = RUNS / "offline-ldm-v" / "final"
+    src = RUNS / "offline-ldm-v-anneal" / "final"
     if not (src / "config.yaml").exists():
         raise SystemExit(f"{src} missing: run the train stage first")
     tmp = SHIPPED.with_name(".tmp-offline")
@@ -283,19 +285,23 @@ def heldout(args) -> None:
     import numpy as np
 
     from reaudio_core.pipeline import ReAudioPipeline
-    first, out = RUNS / "offline-ldm-heldout", RUNS / "offline-ldm-v-heldout"
+    first, second = RUNS / "offline-ldm-heldout", RUNS / "offline-ldm-v-heldout"
+    out = RUNS / "offline-ldm-v-anneal-heldout"
     excl = "[" + ",".join(HELDOUT_CLASSES) + "]"
     _train_stage("configs/offline-ldm.yaml", first, f"training.exclude_labels={excl}",
                  f"training.max_steps={args.heldout_steps}", procs=args.procs)
-    _train_stage("configs/offline-ldm-v.yaml", out, f"training.exclude_labels={excl}",
+    _train_stage("configs/offline-ldm-v.yaml", second, f"training.exclude_labels={excl}",
                  f"denoiser.params.checkpoint={first / 'final' / 'denoiser'}",
                  f"training.max_steps={args.heldout_v_steps}", procs=args.procs)
+    _train_stage("configs/offline-ldm-v-anneal.yaml", out, f"training.exclude_labels={excl}",
+                 f"denoiser.params.checkpoint={second / 'final' / 'denoiser'}",
+                 f"training.max_steps={args.heldout_anneal_steps}", procs=args.procs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     prompts = [c.replace("_", " ") for c in HELDOUT_CLASSES]
     seeds = list(range(args.seeds))
     targets = [c for _ in seeds for c in HELDOUT_CLASSES]
     results = {"excluded_classes": HELDOUT_CLASSES, "seeds": seeds, "clips_per_setting": len(targets),
-               "heldout_training_steps": [args.heldout_steps, args.heldout_v_steps],
+               "heldout_training_steps": [args.heldout_steps, args.heldout_v_steps, args.heldout_anneal_steps],
                "classifier": "esc50-classifier", "sample_rate": 16000, "rows": {}}
     # retrieval at generation: the class's own clips retrievable (the bring-your-own-library case), the
     # same database with them hidden (generation.exclude_labels: what the model knows without them), off
@@ -325,8 +331,9 @@ def heldout(args) -> None:
     results["seconds"] = round(time.time() - t0, 1)
     (RESULTS / "offline-heldout.json").write_text(json.dumps(results, indent=2))
     md = [f"Classes excluded from LDM training (clips kept in the retrieval database): {', '.join(HELDOUT_CLASSES)}; "
-          f"held-out model trained for {args.heldout_steps} epsilon + {args.heldout_v_steps} v steps (the full model: "
-          "3200 + 3000, configs/offline-ldm.yaml + configs/offline-ldm-v.yaml). The VAE (and so the retrieved-audio "
+          f"held-out model trained for {args.heldout_steps} epsilon + {args.heldout_v_steps} v + "
+          f"{args.heldout_anneal_steps} annealing steps (the full model: 3200 + 3000 + 2000, configs/offline-ldm.yaml, "
+          "offline-ldm-v.yaml, offline-ldm-v-anneal.yaml). The VAE (and so the retrieved-audio "
           "encoder) is the shipped one, trained on all 400 clips without labels. "
           f"{len(targets)} clips per row ({len(prompts)} prompts x {len(seeds)} seeds; 5.12 s, 16 kHz, guidance "
           f"{guidance:g}), classified by "
@@ -448,6 +455,8 @@ def main() -> None:
                    help="epsilon-stage LDM steps of the held-out-class model (default 3200, the shipped recipe)")
     p.add_argument("--heldout-v-steps", type=int, default=3000,
                    help="v-stage LDM steps of the held-out-class model (default 3000, the shipped recipe)")
+    p.add_argument("--heldout-anneal-steps", type=int, default=2000,
+                   help="annealing-stage LDM steps of the held-out-class model (default 2000, the shipped recipe)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     stages = ["train", "package", "check", "heldout"] if args.stage == "all" else [args.stage]

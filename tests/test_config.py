@@ -70,3 +70,28 @@ def test_dot_overrides_apply_in_order_switch_then_params():
     # the reverse order: the switch drops parameters given for the previous component
     cfg = compose("tiny", [], ["text_encoder.params.max_length=7", "text_encoder=t5"])
     assert cfg["text_encoder"]["params"]["max_length"] == 50
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_training_configs_compose(path):
+    """Every ready-made config in configs/ names registered components and known keys (a typo in a
+    training key would otherwise only surface hours into `python scripts/offline_preset.py train`)."""
+    cfg = compose(files=[path])
+    assert cfg["training"]["stage"] in ("vae", "ldm", "vocoder")
+
+
+def test_offline_stages_chain():
+    """Each stage of the offline recipe starts from the export of the stage before it."""
+    stages = {p: compose(files=[REPO / "configs" / p]) for p in
+              ("offline-vae-decoder.yaml", "offline-ldm.yaml", "offline-ldm-v.yaml", "offline-ldm-v-anneal.yaml")}
+    assert stages["offline-vae-decoder.yaml"]["decoder"]["params"]["checkpoint"] == "runs/offline-vae/final/decoder"
+    assert stages["offline-ldm-v.yaml"]["denoiser"]["params"]["checkpoint"] == "runs/offline-ldm/final/denoiser"
+    anneal = stages["offline-ldm-v-anneal.yaml"]
+    assert anneal["denoiser"]["params"]["checkpoint"] == "runs/offline-ldm-v/final/denoiser"
+    assert anneal["diffusion"]["prediction_type"] == "v_prediction"
+    assert anneal["training"]["lr_decay"] == "cosine"
+    for name in ("offline-ldm.yaml", "offline-ldm-v.yaml", "offline-ldm-v-anneal.yaml"):
+        assert stages[name]["decoder"]["params"]["checkpoint"] == "runs/offline-vae-decoder/final/decoder"
