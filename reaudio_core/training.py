@@ -681,9 +681,8 @@ class VaeStage(Stage):
             if not cfg["decoder"].get("params", {}).get("checkpoint"):
                 raise ReaudioError("training.freeze_encoder needs a trained VAE to start from: set "
                                    "decoder.params.checkpoint=DIR (OUT/final/decoder of a vae run)")
-            for name, p in self.objective.ae.named_parameters():
-                if name.split(".")[0] in ("encoder", "quant_conv"):
-                    p.requires_grad_(False)
+            self.objective.ae.encoder.requires_grad_(False)
+            self.objective.ae.quant_conv.requires_grad_(False)
 
     @torch.no_grad()
     def measure_scale_factor(self, mel: torch.Tensor, seed: int) -> float:

@@ -48,6 +48,9 @@ HELDOUT_CLASSES = ["rooster", "crow", "chainsaw", "clock_tick", "hand_saw"]
 DEMO_PROMPTS = ["dog barking", "rain", "church bells", "siren"]
 DEMO_CLASSES = ["dog", "rain", "church_bells", "siren"]  # what each demo prompt asks for
 DEMO_SEEDS = 4
+# the LDM stages, in order: each starts from the EMA weights the one before exported (named in its config)
+LDM_STAGES = [("configs/offline-ldm.yaml", "offline-ldm"), ("configs/offline-ldm-v.yaml", "offline-ldm-v"),
+              ("configs/offline-ldm-v-anneal.yaml", "offline-ldm-v-anneal")]
 
 
 def reaudio(*args: str, procs: int = 1) -> None:
@@ -72,9 +75,8 @@ def train(args) -> None:
     _train_stage("configs/offline-vae-decoder.yaml", RUNS / "offline-vae-decoder")
     if not (RUNS / "esc50-db" / "CURRENT").exists():
         reaudio("index", "build", "--manifest", str(DATA / "metadata.csv"), "--out", str(RUNS / "esc50-db"))
-    _train_stage("configs/offline-ldm.yaml", RUNS / "offline-ldm", procs=args.procs)
-    _train_stage("configs/offline-ldm-v.yaml", RUNS / "offline-ldm-v", procs=args.procs)
-    _train_stage("configs/offline-ldm-v-anneal.yaml", RUNS / "offline-ldm-v-anneal", procs=args.procs)
+    for config, name in LDM_STAGES:
+        _train_stage(config, RUNS / name, procs=args.procs)
 
 
 def package(args) -> None:
@@ -85,7 +87,7 @@ def package(args) -> None:
     from reaudio_core.config import compose, save_config
     from reaudio_core.database import build_database
     from reaudio_core.pipeline import ReAudioPipeline
-    src = RUNS / "offline-ldm-v-anneal" / "final"
+    src = RUNS / LDM_STAGES[-1][1] / "final"
     if not (src / "config.yaml").exists():
         raise SystemExit(f"{src} missing: run the train stage first")
     tmp = SHIPPED.with_name(".tmp-offline")
@@ -285,17 +287,15 @@ def heldout(args) -> None:
     import numpy as np
 
     from reaudio_core.pipeline import ReAudioPipeline
-    first, second = RUNS / "offline-ldm-heldout", RUNS / "offline-ldm-v-heldout"
-    out = RUNS / "offline-ldm-v-anneal-heldout"
+    # the shipped LDM stages, each without the held-out classes and starting from the held-out stage before it
     excl = "[" + ",".join(HELDOUT_CLASSES) + "]"
-    _train_stage("configs/offline-ldm.yaml", first, f"training.exclude_labels={excl}",
-                 f"training.max_steps={args.heldout_steps}", procs=args.procs)
-    _train_stage("configs/offline-ldm-v.yaml", second, f"training.exclude_labels={excl}",
-                 f"denoiser.params.checkpoint={first / 'final' / 'denoiser'}",
-                 f"training.max_steps={args.heldout_v_steps}", procs=args.procs)
-    _train_stage("configs/offline-ldm-v-anneal.yaml", out, f"training.exclude_labels={excl}",
-                 f"denoiser.params.checkpoint={second / 'final' / 'denoiser'}",
-                 f"training.max_steps={args.heldout_anneal_steps}", procs=args.procs)
+    steps = [args.heldout_steps, args.heldout_v_steps, args.heldout_anneal_steps]
+    out = None
+    for (config, name), n in zip(LDM_STAGES, steps):
+        start = [f"denoiser.params.checkpoint={out / 'final' / 'denoiser'}"] if out else []
+        out = RUNS / f"{name}-heldout"
+        _train_stage(config, out, f"training.exclude_labels={excl}", *start, f"training.max_steps={n}",
+                     procs=args.procs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     prompts = [c.replace("_", " ") for c in HELDOUT_CLASSES]
     seeds = list(range(args.seeds))
