@@ -19,6 +19,11 @@ Stages (each can be run alone; each resumes or skips what is already done):
   top-5 over the 50 classes and a confusion summary -> docs/results/offline-check.{json,md}, PNGs.
 * ``ceiling`` - the 400 real clips classified as they are, after log-mel -> vocoder, and after log-mel ->
   VAE -> vocoder: what the VAE and vocoder let through, whatever the LDM does -> docs/results/offline-ceiling.*
+  (``--decoder DIR``: the VAE row with another decoder on the same latents -> offline-ceiling-<run name>.*)
+* ``conditional`` - for each class prompt, the training clips whose stored neighbour set is exactly the set the
+  preset retrieves for it (what the LDM learned to produce under those conditions) and how the classifier
+  hears them after the vocoder and after the VAE (from ``ceiling``'s per-clip predictions), beside how
+  often the shipped model makes the class -> docs/results/offline-conditional.{md,json}
 * ``vae-l1``  - log-mel L1 of the VAE round trip on the 400 clips, stage-1 VAE against the stage-1b decoder
   -> docs/results/offline-vae-l1.{md,json}
 * ``diagnose`` - per noise level, the x0 error of a model's conditional and unconditional predictions on
@@ -365,14 +370,24 @@ def ceiling(args) -> None:
 
     from reaudio_core.pipeline import ReAudioPipeline
     pipe = ReAudioPipeline.from_preset("offline") if not args.model else ReAudioPipeline.from_pretrained(args.model)
+    model = "offline preset (plugins/weights/offline)" if not args.model else str(args.model)
+    stem = "offline-ceiling"  # the shipped preset's file; other models and decoders get their own
+    if args.model:
+        stem += f"-{Path(args.model).resolve().parent.name}"
+    decoder = pipe.decoder
+    if args.decoder:  # a decoder trained on the same (frozen) encoder: encode with the model's, decode with it
+        from reaudio_core.registry import create
+        decoder = create("decoder", "vae", checkpoint=args.decoder)
+        model += f", decoder {args.decoder}"
+        stem += f"-{Path(args.decoder).resolve().parent.parent.name}"
     rows = list(csv.DictReader(open(DATA / "metadata.csv", encoding="utf-8")))
     targets = [r["category"] for r in rows]
     frames = M.seconds_to_frames(pipe.cfg["generation"]["duration"])
     # --vae-only: the real and vocoder rows do not involve the VAE; keep them from the last full run
     previous = RESULTS / "offline-ceiling.json"
     kept = {k: v for k, v in json.loads(previous.read_text())["rows"].items() if k in ("real", "vocoder")} \
-        if args.vae_only and previous.exists() else {}
-    if args.vae_only and not {"real", "vocoder"} <= set(kept):
+        if (args.vae_only or args.decoder) and previous.exists() else {}
+    if (args.vae_only or args.decoder) and not {"real", "vocoder"} <= set(kept):
         raise SystemExit(f"--vae-only needs the real and vocoder rows of a full ceiling run in {previous}")
     t0 = time.time()
     waves = {key: [] for key in ("real", "vocoder", "vae") if key not in kept}
@@ -383,8 +398,8 @@ def ceiling(args) -> None:
             if "real" in waves:
                 waves["real"].append(wav)
                 waves["vocoder"].append(pipe.vocoder(mel)[0])
-            waves["vae"].append(pipe.vocoder(pipe.decoder.decode(pipe.decoder.encode(mel)))[0])
-    results = {"model": "offline preset (plugins/weights/offline)" if not args.model else str(args.model),
+            waves["vae"].append(pipe.vocoder(decoder.decode(pipe.decoder.encode(mel)))[0])
+    results = {"model": model,
                "classifier": "esc50-classifier (plugins/weights/esc50-classifier)", "sample_rate": 16000,
                "clips": len(rows), "rows": dict(kept), "rows_kept_from_previous_run": sorted(kept)}
     names = {"real": "real clips", "vocoder": "real clips -> log-mel -> vocoder",
@@ -395,7 +410,7 @@ def ceiling(args) -> None:
         s["per_class_top1"] = _per_class(targets, s["predictions"], labels)
         results["rows"][key] = s
     results["seconds"] = round(time.time() - t0, 1)
-    (RESULTS / "offline-ceiling.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
     md = [f"Model: {results['model']}; classifier: {results['classifier']} (trained on these same clips); all "
           f"{len(rows)} ESC-50 fold-4 clips, 16 kHz, padded or cut to {pipe.cfg['generation']['duration']} s. "
           "No diffusion: the ceiling the VAE and vocoder put on anything the LDM generates.", "",
@@ -404,11 +419,75 @@ def ceiling(args) -> None:
         md.append(f"| {names[key]} | {s['top1']:.3f} | {s['top5']:.3f} | {s['p_target']:.3f} |")
     if kept:
         md += ["", f"Rows {' and '.join(repr(names[k]) for k in sorted(kept))}: kept from the previous full run "
-               "(`ceiling` without --vae-only); they do not involve the VAE."]
+               "(`ceiling` of the shipped preset without --vae-only / --decoder); they do not involve the VAE."]
     per = results["rows"]["vae"]["per_class_top1"]
     md += ["", "Top-1 per class after the VAE (8 clips each), worst first: " +
            ", ".join(f"{c} {v:.2f}" for c, v in sorted(per.items(), key=lambda kv: kv[1])) + "."]
-    (RESULTS / "offline-ceiling.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def conditional(args) -> None:
+    """What the LDM was trained to produce under the conditions each class prompt retrieves.
+
+    Training conditions every clip on its stored top-k neighbours (self excluded); generation retrieves the
+    top-k for the prompt. Every ESC-50 clip of a class has the same caption, so the prompt retrieves some
+    k of the class's clips and, in training, exactly those k were the neighbours of the class's *other*
+    clips: the only clips the model ever learned to make from that condition. If those clips lose their
+    class on the way through the VAE and vocoder, a perfect LDM would lose it too. Reads the shipped
+    database and the per-clip predictions of ``ceiling`` (run that first); generates nothing."""
+    import csv
+
+    import numpy as np
+
+    from reaudio_core.database import Database
+    ceiling = json.loads((RESULTS / "offline-ceiling.json").read_text())
+    if ceiling.get("model") != "offline preset (plugins/weights/offline)" or "vae" not in ceiling["rows"]:
+        raise SystemExit("docs/results/offline-ceiling.json is not the shipped preset's: run `ceiling` first")
+    check = json.loads((RESULTS / "offline-check.json").read_text())
+    rows = list(csv.DictReader(open(DATA / "metadata.csv", encoding="utf-8")))
+    clip_row = {r["file"]: i for i, r in enumerate(rows)}
+    db = Database.open(SHIPPED / "db")
+    k = int(check["generation"]["k"])
+    table = np.asarray(db.neighbours.ids)[:, :k]
+    files = [item["file"] for item in db.items]
+    heard = {key: [ceiling["rows"][key]["predictions"][clip_row[f]] for f in files] for key in ("vocoder", "vae")}
+    generated = check["per_class_top1"]  # one seed per prompt at the preset's settings
+    out = {"k": k, "database": "plugins/weights/offline/db", "ceiling": "docs/results/offline-ceiling.json",
+           "check": "docs/results/offline-check.json", "classes": {}}
+    for cls in generated:
+        retrieved = sorted(r["id"] for r in db.retrieve(cls.replace("_", " "), k))
+        trained = [i for i in range(len(db)) if sorted(table[i].tolist()) == retrieved]
+        out["classes"][cls] = {
+            "retrieved": [files[i] for i in retrieved],
+            "retrieved_all_of_class": all(db.items[i].get("label") == cls for i in retrieved),
+            "trained_targets": [files[i] for i in trained],
+            "targets_after_vocoder": [heard["vocoder"][i] for i in trained],
+            "targets_after_vae": [heard["vae"][i] for i in trained],
+            "vae_share": float(np.mean([heard["vae"][i] == cls for i in trained])) if trained else None,
+            "generated_top1": generated[cls]}
+    cl = out["classes"]
+    zero = [c for c, v in cl.items() if v["vae_share"] == 0]
+    pairs = np.array([(v["vae_share"], v["generated_top1"]) for v in cl.values() if v["vae_share"] is not None])
+    out["correlation_vae_share_vs_generated"] = float(np.corrcoef(pairs.T)[0, 1])
+    (RESULTS / "offline-conditional.json").write_text(json.dumps(out, indent=2))
+    md = [f"For each of the 50 class prompts: the k = {k} clips the shipped preset retrieves, the training clips whose "
+          f"stored top-{k} neighbours are exactly those (the clips the LDM learned to make from that condition), "
+          "and the share of them the classifier still hears as the class after log-mel -> VAE -> Griffin-Lim "
+          "(per-clip predictions of docs/results/offline-ceiling.json), beside the shipped model's top-1 for the "
+          "prompt (docs/results/offline-check.json, one seed). Generates nothing.", "",
+          "| class | retrieved all of the class | targets | targets heard as the class after the vocoder | "
+          "after the VAE | generated top-1 |", "|---|---|---|---|---|---|"]
+    for cls, v in sorted(cl.items(), key=lambda kv: (kv[1]["vae_share"] is None, kv[1]["vae_share"] or 0, kv[0])):
+        n = len(v["trained_targets"])
+        voc = sum(h == cls for h in v["targets_after_vocoder"])
+        vae = sum(h == cls for h in v["targets_after_vae"])
+        md.append(f"| {cls} | {'yes' if v['retrieved_all_of_class'] else 'no'} | {n} | {voc}/{n} | {vae}/{n} "
+                  f"({', '.join(h for h in v['targets_after_vae'] if h != cls) or '-'}) | {v['generated_top1']:.0f} |")
+    md += ["", f"Classes whose trained targets all lose their class in the VAE: {', '.join(zero) or 'none'}. "
+           f"Correlation over the 50 classes between the VAE share and the generated top-1: "
+           f"{out['correlation_vae_share_vs_generated']:.2f} (one seed per prompt, so each generated value is 0 or 1)."]
+    (RESULTS / "offline-conditional.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
@@ -440,7 +519,8 @@ def vae_l1(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["all", "train", "package", "check", "ceiling", "vae-l1", "diagnose", "heldout"])
+    p.add_argument("stage", choices=["all", "train", "package", "check", "ceiling", "conditional", "vae-l1", "diagnose",
+                                         "heldout"])
     p.add_argument("--procs", type=int, default=2, help="torchrun processes for the LDM stage (default 2)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per class prompt in check / heldout (default 2)")
     p.add_argument("--model", help="check / ceiling / diagnose a saved pipeline directory instead of the shipped preset "
@@ -451,6 +531,8 @@ def main() -> None:
     p.add_argument("--vae-only", action="store_true",
                    help="ceiling: measure only the VAE row; the real and vocoder rows (no VAE in them) are kept "
                         "from the last full run's docs/results/offline-ceiling.json")
+    p.add_argument("--decoder", help="ceiling: decode with this VAE directory (a decoder trained on the preset's frozen "
+                   "encoder) instead of the model's; writes docs/results/offline-ceiling[-<model>]-<run name>.*")
     p.add_argument("--heldout-steps", type=int, default=3200,
                    help="epsilon-stage LDM steps of the held-out-class model (default 3200, the shipped recipe)")
     p.add_argument("--heldout-v-steps", type=int, default=3000,

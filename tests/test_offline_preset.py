@@ -80,3 +80,31 @@ def test_cli_default_is_the_shipped_preset(tmp_path):
     assert "dog" in proc.stdout  # the neighbours used are printed
     saved = Path(str(out) + ".config.yaml").read_text()
     assert "pkg:reaudio_plugins/weights/offline" in saved
+
+
+def test_conditional_names_what_the_ldm_learned_under_each_retrieved_set(tmp_path, monkeypatch):
+    """scripts/offline_preset.py conditional: for each class prompt, the training clips whose stored
+    neighbours are exactly the retrieved set are never in that set, and their after-VAE predictions come
+    from the ceiling file it was given (here a doctored one: every clip heard as 'dog')."""
+    import importlib.util
+    import json
+    import shutil
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("offline_preset", repo / "scripts" / "offline_preset.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    if not (script.DATA / "metadata.csv").exists():
+        pytest.skip("../shared/data/esc50-fold4 is not beside the checkout")
+    ceiling = json.loads((repo / "docs" / "results" / "offline-ceiling.json").read_text())
+    ceiling["rows"]["vae"]["predictions"] = ["dog"] * len(ceiling["rows"]["vae"]["predictions"])
+    (tmp_path / "offline-ceiling.json").write_text(json.dumps(ceiling))
+    shutil.copy(repo / "docs" / "results" / "offline-check.json", tmp_path)
+    monkeypatch.setattr(script, "RESULTS", tmp_path)
+    script.conditional(None)
+    out = json.loads((tmp_path / "offline-conditional.json").read_text())["classes"]
+    assert len(out) == 50
+    for cls, v in out.items():
+        assert len(v["retrieved"]) == 3 and v["trained_targets"], cls
+        assert not set(v["trained_targets"]) & set(v["retrieved"]), cls
+        assert v["vae_share"] == (1.0 if cls == "dog" else 0.0), cls
+    assert "church_bells" in (tmp_path / "offline-conditional.md").read_text()
