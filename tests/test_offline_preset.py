@@ -100,7 +100,7 @@ def test_conditional_names_what_the_ldm_learned_under_each_retrieved_set(tmp_pat
     (tmp_path / "offline-ceiling.json").write_text(json.dumps(ceiling))
     shutil.copy(repo / "docs" / "results" / "offline-check.json", tmp_path)
     monkeypatch.setattr(script, "RESULTS", tmp_path)
-    script.conditional(None)
+    script.conditional(__import__("types").SimpleNamespace(seeds=0))
     out = json.loads((tmp_path / "offline-conditional.json").read_text())["classes"]
     assert len(out) == 50
     for cls, v in out.items():
