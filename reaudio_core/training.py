@@ -735,7 +735,8 @@ class LdmStage(Stage):
 
     Conditions per training item (the item itself is never its own neighbour): the prompt is the
     text encoder's embedding of its caption; the first ``generation.k`` columns of the database's
-    neighbour table give the retrieved captions (caption encoder states, ``generation.caption_tokens``
+    neighbour table (or, with ``training.neighbour_pool`` > k, k of its first neighbour_pool columns drawn
+    afresh each step) give the retrieved captions (caption encoder states, ``generation.caption_tokens``
     each) and clips (audio encoder tokens). Neighbour features are computed once and cached in the
     database (``Database.save_features``) under :func:`reaudio_core.pipeline.feature_key`, where
     generation reads them too.
@@ -847,6 +848,17 @@ class LdmStage(Stage):
             print(f"note: generation.k={k} exceeds the neighbour table width {table.shape[1]}: "
                   "the extra slots get unconditional inputs", file=sys.stderr)
         self.neighbour_ids = torch.from_numpy(ids)
+        # training.neighbour_pool > k: the k neighbours of each item are drawn per step from a wider pool,
+        # so items whose captions tie (one caption per class) do not all share the same k neighbours
+        pool = self.t.get("neighbour_pool") or 0
+        if not isinstance(pool, int) or pool < 0:
+            raise ReaudioError(f"training.neighbour_pool must be an integer >= 0, got {pool!r}")
+        self.neighbour_pool = None
+        if pool > k:
+            if pool > table.shape[1]:
+                raise ReaudioError(f"training.neighbour_pool={pool} exceeds the neighbour table width "
+                                   f"{table.shape[1]} of {self.t['database']} (database.neighbours)")
+            self.neighbour_pool = torch.from_numpy(table[rows, :pool].astype(np.int64))
         # unconditional inputs, exactly as ReAudioPipeline.condition builds them
         uncond = Conditioning(prompt=self.text_encoder.embed([""]).float())
         if d.text_dim:
@@ -942,12 +954,22 @@ class LdmStage(Stage):
         self.latents = torch.cat([s for s in shards if s is not None])
 
     # per batch ---------------------------------------------------------------------------------
+    def draw_neighbours(self, pos: torch.Tensor) -> torch.Tensor:
+        """``[B, k]`` neighbour ids drawn without replacement from each item's pool (``training.neighbour_pool``
+        first columns of its table), kept in table order (best first); empty slots (-1) only when the pool
+        holds fewer than k. Uses the global torch RNG, which the training loop seeds per step (resumable)."""
+        pool = self.neighbour_pool[pos]  # [B, P]
+        keys = torch.rand(pool.shape)
+        keys[pool < 0] = -1.0  # real neighbours first
+        chosen = keys.topk(self.k, dim=1).indices.sort(dim=1).values
+        return pool.gather(1, chosen)
+
     def condition(self, pos: torch.Tensor) -> Conditioning:
         """Training-item positions -> conditional inputs (before guidance dropout)."""
         B = len(pos)
         cond = Conditioning(prompt=self.prompts[pos])
         u = self.uncond
-        nb = self.neighbour_ids[pos]  # [B, k]
+        nb = self.neighbour_ids[pos] if self.neighbour_pool is None else self.draw_neighbours(pos)  # [B, k]
         if u.captions is not None:
             if self.caption_feats is None:
                 cond.captions, cond.caption_mask = u.captions.expand(B, -1, -1), u.caption_mask.expand(B, -1)

@@ -391,6 +391,35 @@ def test_ldm_conditioning_matches_the_pipeline(tmp_path, db_dir, vae_dir):
     assert torch.equal(cond.caption_mask[0], mask.reshape(-1))
 
 
+def test_neighbour_pool_draws_k_of_the_first_pool_neighbours_per_step(tmp_path, db_dir, vae_dir):
+    """training.neighbour_pool > k: each item's k neighbours come from the first neighbour_pool columns of
+    its table, best first, never itself, differ between steps and repeat for the same step seed."""
+    from reaudio_core.distributed import DistEnv
+    cfg = compose(None, [ldm_yaml(tmp_path, db_dir, vae_dir, neighbour_pool=4)])
+    stage = T.LdmStage(cfg, DistEnv(), progress=False)
+    k = cfg["generation"]["k"]
+    table = np.asarray(stage.db.neighbours.ids)
+    pos = torch.arange(len(stage.dataset))
+    draws = []
+    for step in range(12):
+        torch.manual_seed(step)
+        draws.append(stage.draw_neighbours(pos))
+    torch.manual_seed(3)
+    assert torch.equal(stage.draw_neighbours(pos), draws[3])
+    for nb in draws:
+        assert nb.shape == (len(pos), k)
+        for j, p in enumerate(pos.tolist()):
+            row = table[stage.dataset.clips[p].index, :4].tolist()
+            assert set(nb[j].tolist()) <= set(row) and len(set(nb[j].tolist())) == k
+            assert [row.index(i) for i in nb[j].tolist()] == sorted(row.index(i) for i in nb[j].tolist())
+    assert len({tuple(nb[0].tolist()) for nb in draws}) > 1  # not always the same k
+    # the condition uses the drawn ids; without a pool it is the table's first k, always
+    fixed = T.LdmStage(compose(None, [ldm_yaml(tmp_path, db_dir, vae_dir)]), DistEnv(), progress=False)
+    assert fixed.neighbour_pool is None
+    with pytest.raises(T.ReaudioError, match="neighbour table width"):
+        T.LdmStage(compose(None, [ldm_yaml(tmp_path, db_dir, vae_dir, neighbour_pool=9)]), DistEnv(), progress=False)
+
+
 def test_ddp_two_cpu_processes_and_the_export_generates(tmp_path, db_dir, vae_dir):
     from reaudio_core.pipeline import ReAudioPipeline
     cfg = ldm_yaml(tmp_path, db_dir, vae_dir, max_steps=3, batch_size=1)
