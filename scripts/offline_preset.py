@@ -480,7 +480,7 @@ def conditional(args) -> None:
           f"stored top-{k} neighbours are exactly those (the clips the LDM learned to make from that condition), "
           "and the share of them the classifier still hears as the class after log-mel -> VAE -> Griffin-Lim "
           "(per-clip predictions of docs/results/offline-ceiling.json), beside the shipped model's top-1 for the "
-          "prompt (docs/results/offline-check.json, one seed). Generates nothing.", "",
+          "prompt (docs/results/offline-check.json, one seed). This table generates nothing.", "",
           "| class | retrieved all of the class | targets | targets heard as the class after the vocoder | "
           "after the VAE | generated top-1 |", "|---|---|---|---|---|---|"]
     for cls, v in sorted(cl.items(), key=lambda kv: (kv[1]["vae_share"] is None, kv[1]["vae_share"] or 0, kv[0])):
@@ -503,10 +503,9 @@ def _generate_from_trained_sets(db, table, files, heard, seeds, out) -> list[str
     from reaudio_core.pipeline import ReAudioPipeline
     pipe = ReAudioPipeline.from_preset("offline")
     forced: list[int] = []
-    search = pipe.retrieve
-    # the prompt embedding still comes from the prompt; only the retrieved items are replaced
+    # the prompt embedding still comes from the prompt; only the retrieved items are replaced (no search)
     pipe.retrieve = lambda emb, k: [[{**db.items[i], "id": int(i), "score": float("nan")} for i in forced]
-                                    for _ in search(emb, k)]
+                                    for _ in range(len(emb))]
     out["trained_sets"] = {}
     md = ["", f"Each demo prompt generated from every distinct neighbour set its class's clips were trained with, "
           f"instead of its own retrieval (preset settings, seeds {seeds[0]}-{seeds[-1]}): the clips trained under "

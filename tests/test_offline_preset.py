@@ -89,6 +89,7 @@ def test_conditional_names_what_the_ldm_learned_under_each_retrieved_set(tmp_pat
     import importlib.util
     import json
     import shutil
+    from types import SimpleNamespace
     repo = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("offline_preset", repo / "scripts" / "offline_preset.py")
     script = importlib.util.module_from_spec(spec)
@@ -100,7 +101,7 @@ def test_conditional_names_what_the_ldm_learned_under_each_retrieved_set(tmp_pat
     (tmp_path / "offline-ceiling.json").write_text(json.dumps(ceiling))
     shutil.copy(repo / "docs" / "results" / "offline-check.json", tmp_path)
     monkeypatch.setattr(script, "RESULTS", tmp_path)
-    script.conditional(__import__("types").SimpleNamespace(seeds=0))
+    script.conditional(SimpleNamespace(seeds=0))
     out = json.loads((tmp_path / "offline-conditional.json").read_text())["classes"]
     assert len(out) == 50
     for cls, v in out.items():
