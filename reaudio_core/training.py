@@ -730,6 +730,29 @@ class VocoderStage(Stage):
         save_config(self.export_cfg(), final)
 
 
+def text_feature_key(cfg: dict) -> str:
+    """Database feature name for the prompt embeddings of every item and the unconditional text inputs
+    (empty prompt, empty caption states) under this config's text and caption encoders."""
+    import hashlib
+    entries = [cfg.get("text_encoder"), cfg.get("caption_encoder"), cfg["generation"]["caption_tokens"]]
+    h = hashlib.sha1(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"text_conditions-{cfg['text_encoder']['name']}-{h}"
+
+
+class UnloadedTextEncoder:
+    """Stands in for a text encoder that could not be built on this machine (say its weights are not
+    installed on a GPU box) while the training database already caches everything the ldm stage needs
+    from it (:func:`text_feature_key`, caption states). Its dims are known; running it raises."""
+
+    def __init__(self, entry_name: str, dim: int, token_dim: int | None, why: str):
+        self.entry_name, self.dim, self.token_dim, self.why = entry_name, dim, token_dim, why
+
+    def embed(self, texts):
+        raise ReaudioError(f"text encoder {self.entry_name!r} is not available here: {self.why}")
+
+    encode_tokens = embed
+
+
 class LdmStage(Stage):
     """Retrieval-conditioned denoiser training on the items of a database.
 
@@ -762,13 +785,16 @@ class LdmStage(Stage):
         if self.k < 1:
             raise ReaudioError(f"generation.k must be >= 1, got {self.k}")
         # components --------------------------------------------------------------------------
-        self.text_encoder = build(cfg, "text_encoder")
+        self.denoiser = load_or_build(cfg, "denoiser")
+        try:
+            self.text_encoder = build(cfg, "text_encoder")
+        except ReaudioError as exc:  # e.g. its weights are not installed on this (GPU) machine
+            self.text_encoder = self._text_encoder_from_cache(exc)
         self.decoder = load_or_build(cfg, "decoder")
         if "checkpoint" in cfg["decoder"]["params"] and not cfg["decoder"]["params"]["checkpoint"]:
             raise ReaudioError("the ldm stage needs a trained VAE: set decoder.params.checkpoint=DIR "
                                "(OUT/final/decoder of `reaudio train` with training.stage=vae)")
         self.vocoder = load_or_build(cfg, "vocoder")
-        self.denoiser = load_or_build(cfg, "denoiser")
         d = self.denoiser
         self.caption_encoder = None
         if d.text_dim:  # often the prompt encoder itself (offline: MiniLM for both): build it once
@@ -832,17 +858,28 @@ class LdmStage(Stage):
         gen, d = self.cfg["generation"], self.denoiser
         retrieval, k, n_tok = gen["retrieval"], self.k, gen["caption_tokens"]
         clips = self.dataset.clips
-        # prompt embeddings of the training items (sharded over ranks)
-        emb = distributed.map_sharded(self.env, [c.caption for c in clips],
-                                      lambda part: self.text_encoder.embed(list(part)) if len(part) else None)
-        self.prompts = torch.cat([e for e in emb if e is not None]).float()
+        # prompt embeddings of every database item (cached in the database, like the neighbour features)
+        def embed(part):
+            e = self.text_encoder.embed([it.get("caption") or "" for it in part]).float()
+            return e[:, None], torch.ones(len(part), 1, dtype=torch.bool)
+
+        def empties():  # the unconditional inputs' text parts, exactly as ReAudioPipeline.condition builds them
+            out = {"empty_prompt": self.text_encoder.embed([""]).float()[0].tolist()}
+            if d.text_dim:
+                states, _ = self.caption_encoder.encode_tokens([""], max_tokens=n_tok)
+                out["empty_caption"] = states[0].float().tolist()  # [n_tok, token_dim]
+            return out
+
+        prompts, _, info = self.cached_features(text_feature_key(self.cfg), embed, "prompt embeddings",
+                                                self.text_encoder, extra=empties)
+        rows = np.array([c.index for c in clips])
+        self.prompts = prompts[torch.from_numpy(rows), 0]
         # neighbour ids of the training items: [N, k], -1 = no neighbour
         table = np.asarray(self.db.neighbours.ids)
         if table.ndim != 2:
             raise ReaudioError(f"database {self.t['database']} has no neighbour table")
         ids = np.full((len(clips), k), -1, dtype=np.int64)
         width = min(k, table.shape[1])
-        rows = np.array([c.index for c in clips])
         ids[:, :width] = table[rows, :width]
         if k > table.shape[1]:
             print(f"note: generation.k={k} exceeds the neighbour table width {table.shape[1]}: "
@@ -860,10 +897,10 @@ class LdmStage(Stage):
                                    f"{table.shape[1]} of {self.t['database']} (database.neighbours)")
             self.neighbour_pool = torch.from_numpy(table[rows, :pool].astype(np.int64))
         # unconditional inputs, exactly as ReAudioPipeline.condition builds them
-        uncond = Conditioning(prompt=self.text_encoder.embed([""]).float())
+        uncond = Conditioning(prompt=torch.tensor(info["empty_prompt"], dtype=torch.float32)[None])
         if d.text_dim:
-            empty, _ = self.caption_encoder.encode_tokens([""] * k, max_tokens=n_tok)
-            uncond.captions = empty.reshape(1, -1, empty.shape[-1]).float()
+            empty = torch.tensor(info["empty_caption"], dtype=torch.float32)  # [n_tok, token_dim]
+            uncond.captions = empty.repeat(k, 1)[None]
             uncond.caption_mask = torch.ones(1, uncond.captions.shape[1], dtype=torch.bool)
         if d.audio_dim:
             n = k * self.audio_encoder.num_tokens
@@ -877,11 +914,11 @@ class LdmStage(Stage):
                 feature_key(self.cfg, "caption_encoder"),
                 lambda part: self.caption_encoder.encode_tokens([it.get("caption") or "" for it in part],
                                                                 max_tokens=n_tok), "caption states",
-                self.caption_encoder)
+                self.caption_encoder)[:2]
             self.empty_caption = uncond.captions[0, :n_tok], uncond.caption_mask[0, :n_tok]
         if d.audio_dim and retrieval in ("audio", "audio+text"):
             self.audio_feats = self.cached_features(feature_key(self.cfg, "audio_encoder"),
-                                                    self._audio_tokens, "audio tokens", self.audio_encoder)
+                                                    self._audio_tokens, "audio tokens", self.audio_encoder)[:2]
 
     def _audio_tokens(self, part):
         from .audio import AudioProblem, load_audio
@@ -896,21 +933,34 @@ class LdmStage(Stage):
             masks.append(m)
         return torch.cat(states), torch.cat(masks)
 
-    def cached_features(self, key: str, compute, what: str, encoder) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(states [N_db, L, d], mask [N_db, L])`` for every database item, from the database's
-        feature cache or computed (sharded over ranks) and saved into it by rank 0.
+    def cached_features(self, key: str, compute, what: str, encoder, extra=None):
+        """``(states [N_db, L, d], mask [N_db, L], info)`` for every database item, from the database's
+        feature cache or computed (sharded over ranks) and saved into it by rank 0; ``extra()`` gives
+        more values for the cache's ``info`` (computed with it).
 
         The cache records a fingerprint of the encoder's weights; a cache written by other weights
         under the same configuration (e.g. a retrained VAE at the same path) is recomputed, never reused.
+        An encoder whose weights are not installed here (:class:`UnloadedTextEncoder`) uses the cache as
+        it is: nothing here could recompute or check it.
         """
-        fp = component_fingerprint(encoder)
+        unloaded = isinstance(encoder, UnloadedTextEncoder)
         cached = self.db.features(key)
-        if cached is not None and feature_info(self.db, key).get("fingerprint") != fp:
+        info = feature_info(self.db, key)
+        if cached is not None and unloaded:
+            if self.env.is_main:
+                print(f"note: {encoder.entry_name} weights are not installed here ({encoder.why}); using the "
+                      f"{what} cached in the database as feature '{key}' (computed with fingerprint "
+                      f"{str(info.get('fingerprint'))[:12]})", file=sys.stderr)
+        elif cached is not None and info.get("fingerprint") != component_fingerprint(encoder):
             if self.env.is_main:
                 print(f"note: cached feature '{key}' was computed with other weights: recomputing it",
                       file=sys.stderr)
             cached = None
         if cached is None:
+            if unloaded:
+                raise ReaudioError(f"{encoder.why}; the database {self.t['database']} holds no cached {what} "
+                                   f"(feature '{key}') to train without it")
+            fp = component_fingerprint(encoder)
             items = list(self.db.items)
             if self.env.is_main:
                 print(f"caching {what} of {len(items)} database items as feature '{key}'", file=sys.stderr)
@@ -928,11 +978,29 @@ class LdmStage(Stage):
             shards = [s for s in distributed.map_sharded(self.env, items, run) if s is not None]
             states = np.concatenate([s[0] for s in shards])
             mask = np.concatenate([s[1] for s in shards])
+            info = {"what": what, "fingerprint": fp, **(extra() if extra else {})}
             if self.env.is_main:
-                self.db.save_features(key, {"states": states, "mask": mask}, info={"what": what, "fingerprint": fp})
+                self.db.save_features(key, {"states": states, "mask": mask}, info=info)
             distributed.barrier(self.env)
-            return torch.from_numpy(states), torch.from_numpy(mask)
-        return torch.from_numpy(np.array(cached["states"], dtype=np.float32)), torch.from_numpy(np.array(cached["mask"], dtype=bool))
+            return torch.from_numpy(states), torch.from_numpy(mask), info
+        return (torch.from_numpy(np.array(cached["states"], dtype=np.float32)),
+                torch.from_numpy(np.array(cached["mask"], dtype=bool)), info)
+
+    def _text_encoder_from_cache(self, exc: ReaudioError) -> "UnloadedTextEncoder":
+        """A stand-in for a text encoder that cannot be built here, when the database caches every text
+        feature this stage needs from it (prompt embeddings, and caption states where the caption
+        encoder is the same entry); otherwise ``exc`` is raised."""
+        key = text_feature_key(self.cfg)
+        cached = self.db.features(key)
+        if cached is None:
+            raise exc
+        d = self.denoiser
+        if d.text_dim and self.cfg.get("caption_encoder") != self.cfg["text_encoder"]:
+            raise exc
+        info = feature_info(self.db, key)
+        token_dim = len(info["empty_caption"][0]) if info.get("empty_caption") else None
+        return UnloadedTextEncoder(self.cfg["text_encoder"]["name"], int(cached["states"].shape[-1]), token_dim,
+                                   str(exc))
 
     def cache_latents(self) -> None:
         """Encode every training clip's first crop once (posterior mean): no VAE encoder per step.

@@ -391,6 +391,38 @@ def test_ldm_conditioning_matches_the_pipeline(tmp_path, db_dir, vae_dir):
     assert torch.equal(cond.caption_mask[0], mask.reshape(-1))
 
 
+def test_ldm_stage_trains_from_cached_text_features_without_the_text_encoder(tmp_path, db_dir, vae_dir,
+                                                                             monkeypatch):
+    """Where the text encoder's weights are not installed (a GPU box), the ldm stage uses the prompt
+    embeddings, empty inputs and caption states cached in the database by an earlier run, and the
+    conditions equal those of a run with the encoder; without such a cache it raises the encoder's error."""
+    import reaudio_plugins.minilm as minilm
+    from reaudio_core.distributed import DistEnv
+    cfg = compose(None, [ldm_yaml(tmp_path, db_dir, vae_dir)])
+    with_encoder = T.LdmStage(cfg, DistEnv(), progress=False)  # writes (or reuses) the caches
+    pos = torch.tensor([0, 2, 5])
+    ref = with_encoder.condition(pos)
+
+    def missing():
+        raise ReaudioError("MiniLM weights not installed")
+
+    monkeypatch.setattr(minilm, "default_model_path", missing)
+    stage = T.LdmStage(cfg, DistEnv(), progress=False)
+    assert isinstance(stage.text_encoder, T.UnloadedTextEncoder) and stage.caption_encoder is stage.text_encoder
+    got = stage.condition(pos)
+    for f in ("prompt", "captions", "caption_mask", "audio", "audio_mask"):
+        assert torch.equal(getattr(got, f), getattr(ref, f)), f
+    for f in ("prompt", "captions", "caption_mask"):
+        assert torch.equal(getattr(stage.uncond, f), getattr(with_encoder.uncond, f)), f
+    # the cached prompt embeddings are the encoder's own
+    clips = [stage.dataset.clips[i] for i in pos.tolist()]
+    assert torch.allclose(ref.prompt, with_encoder.text_encoder.embed([c.caption for c in clips]), atol=1e-5)
+    # a database without the cache: the encoder's own error
+    other = dict(cfg, generation={**cfg["generation"], "caption_tokens": 7})
+    with pytest.raises(ReaudioError, match="not installed"):
+        T.LdmStage(other, DistEnv(), progress=False)
+
+
 def test_neighbour_pool_draws_k_of_the_first_pool_neighbours_per_step(tmp_path, db_dir, vae_dir):
     """training.neighbour_pool > k: each item's k neighbours come from the first neighbour_pool columns of
     its table, best first, never itself, differ between steps and repeat for the same step seed."""

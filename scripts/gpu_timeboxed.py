@@ -1,0 +1,132 @@
+"""Train the offline preset's GPU recipe inside a fixed time box (how the shipped weights were made on a
+GPU lent for a few minutes).
+
+    python scripts/gpu_timeboxed.py --seconds 540 --pack OUTDIR
+
+1. Probes: ``reaudio train`` of configs/offline-gpu-vae.yaml and configs/offline-gpu-ldm.yaml for a few
+   steps each (into runs/probe-*), which also checks the whole path (data, caches, export) before the real
+   runs, and reads their steps/s from log.jsonl.
+2. Picks ``training.max_steps`` for both stages so that they end inside the box (the VAE gets
+   ``--vae-share`` of the training time), and trains them into runs/offline-gpu-vae and runs/offline-gpu-ldm.
+3. ``--pack DIR``: the two final exports with float weights halved (what the preset ships anyway), their
+   logs and ``timebox.json`` (the chosen max_steps, measured rates, wall times), as a tar cut in 15 MB parts.
+
+The chosen max_steps are what configs/offline-gpu-*.yaml then say, so ``scripts/offline_preset.py train
+--recipe gpu`` repeats the run without any probing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "runs"
+VAE_CFG, LDM_CFG = "configs/offline-gpu-vae.yaml", "configs/offline-gpu-ldm.yaml"
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.0f} s] {msg}", flush=True)
+
+
+EXTRA: list[str] = []
+
+
+def train(config: str, out: Path, *overrides: str) -> float:
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "reaudio_core.cli", "train", "--config", config, "--out", str(out), "--quiet",
+           *overrides, *EXTRA]
+    log("$ " + " ".join(cmd[2:]))
+    t = time.time()
+    subprocess.run(cmd, check=True, cwd=REPO)
+    log(f"  done in {time.time() - t:.0f} s")
+    return time.time() - t
+
+
+def samples_per_s(out: Path) -> float:
+    """Samples per second over the logged rows after the first (which include warm-up)."""
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    late = rows[1:] or rows
+    return sum(r["samples_per_s"] for r in late) / len(late)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, required=True, help="the whole box, probes and exports included")
+    ap.add_argument("--vae-share", type=float, default=0.3, help="share of the training time for the VAE")
+    ap.add_argument("--probe-steps", type=int, default=60)
+    ap.add_argument("--reserve", type=float, default=45.0, help="seconds kept for start-up, caching and export")
+    ap.add_argument("--pack", type=Path, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override for every run (a quick CPU rehearsal: --set training.batch_size=2)")
+    args = ap.parse_args()
+    EXTRA[:] = args.set
+    extra = EXTRA
+    import yaml
+    batches = [yaml.safe_load((REPO / c).read_text())["training"]["batch_size"] for c in (VAE_CFG, LDM_CFG)]
+    for o in extra:
+        if o.startswith("training.batch_size="):
+            batches = [int(o.split("=", 1)[1])] * 2
+    vae_batch, ldm_batch = batches
+    n = args.probe_steps
+    probe_vae, probe_ldm = RUNS / "probe-gpu-vae", RUNS / "probe-gpu-ldm"
+    every = [f"training.log_every={max(1, n // 4)}", f"training.checkpoint_every={n}"]
+    t_vae_probe = train(VAE_CFG, probe_vae, f"training.max_steps={n}", *every)
+    vae_rate = samples_per_s(probe_vae) / vae_batch
+    t_ldm_probe = train(LDM_CFG, probe_ldm, f"training.max_steps={n}", *every,
+                        f"decoder.params.checkpoint={probe_vae}/final/decoder",
+                        f"audio_encoder.params.weights={probe_vae}/final/decoder")
+    ldm_rate = samples_per_s(probe_ldm) / ldm_batch
+    # fixed costs of a run (start-up, caching, export): the probe's wall time minus its training steps
+    fixed = max(0.0, t_vae_probe - n / vae_rate) + max(0.0, t_ldm_probe - n / ldm_rate)
+    left = args.seconds - (time.time() - T0) - fixed - args.reserve
+    if left <= 60:
+        raise SystemExit(f"only {left:.0f} s left for training after the probes: nothing trained")
+    vae_steps = max(100, int(left * args.vae_share * vae_rate) // 100 * 100)
+    ldm_steps = max(100, int(left * (1 - args.vae_share) * ldm_rate) // 100 * 100)
+    log(f"rates: vae {vae_rate:.1f} steps/s, ldm {ldm_rate:.1f} steps/s; fixed {fixed:.0f} s; "
+        f"{left:.0f} s to train -> vae {vae_steps} steps, ldm {ldm_steps} steps")
+    summary = {"box_s": args.seconds, "probe_steps": n, "vae_steps_per_s": vae_rate, "ldm_steps_per_s": ldm_rate,
+               "vae_max_steps": vae_steps, "ldm_max_steps": ldm_steps}
+    import torch
+    summary["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    summary["vae_wall_s"] = train(VAE_CFG, RUNS / "offline-gpu-vae", f"training.max_steps={vae_steps}")
+    summary["ldm_wall_s"] = train(LDM_CFG, RUNS / "offline-gpu-ldm", f"training.max_steps={ldm_steps}")
+    summary["total_s"] = time.time() - T0
+    (RUNS / "timebox.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(json.dumps(summary))
+    if args.pack:
+        pack(args.pack)
+
+
+def pack(dest: Path) -> None:
+    from safetensors.torch import load_file, save_file
+    stage = RUNS / "pack"
+    shutil.rmtree(stage, ignore_errors=True)
+    for name in ("offline-gpu-vae", "offline-gpu-ldm"):
+        shutil.copytree(RUNS / name / "final", stage / name / "final")
+        shutil.copy(RUNS / name / "log.jsonl", stage / name / "log.jsonl")
+        for f in (stage / name / "final").rglob("*.safetensors"):
+            tensors = load_file(f)
+            save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, f)
+    shutil.copy(RUNS / "timebox.json", stage / "timebox.json")
+    dest.mkdir(parents=True, exist_ok=True)
+    tar = RUNS / "pack.tar"
+    with tarfile.open(tar, "w") as tf:
+        tf.add(stage, arcname="pack")
+    data = tar.read_bytes()
+    part = 15 * 2**20
+    for i in range(0, len(data), part):
+        (dest / f"pack.tar.{i // part:02d}").write_bytes(data[i:i + part])
+    log(f"packed {len(data) / 2**20:.1f} MiB into {dest}")
+
+
+if __name__ == "__main__":
+    main()
