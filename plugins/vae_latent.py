@@ -116,6 +116,12 @@ class VaeLatentEncoder(AudioEncoder):
         tokens = torch.stack([self._pool(f) for f in frames])
         return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool)
 
+    def to(self, device) -> "VaeLatentEncoder":
+        """Run the encoder on ``device`` (tokens still come back on the CPU)."""
+        self.vae.to(device)
+        self.device = str(device)
+        return self
+
     # -- persistence -----------------------------------------------------------------------------
     def config(self) -> dict:
         return {"weights": None, "vae": self._vae_params, "num_tokens": self.num_tokens, "pool": self.pool,

@@ -819,6 +819,8 @@ class LdmStage(Stage):
             print(f"note: training.exclude_labels {sorted(excluded)} matched no database item", file=sys.stderr)
         self.dataset = self.make_dataset(clips, multiple=self.decoder.compression * self.denoiser.downsample)
         self.dataset.want_mel = not self.t["cache_latents"]
+        for component in (self.decoder, self.audio_encoder):  # the caches below are computed on the training device
+            move_component(component, env.device)
         self.features()
         from diffusers import DDPMScheduler
 

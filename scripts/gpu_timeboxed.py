@@ -60,7 +60,7 @@ def samples_per_s(out: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, required=True, help="the whole box, probes and exports included")
-    ap.add_argument("--vae-share", type=float, default=0.3, help="share of the training time for the VAE")
+    ap.add_argument("--vae-share", type=float, default=0.35, help="share of the training time for the VAE")
     ap.add_argument("--probe-steps", type=int, default=60)
     ap.add_argument("--reserve", type=float, default=45.0, help="seconds kept for start-up, caching and export")
     ap.add_argument("--pack", type=Path, default=None)
@@ -79,11 +79,11 @@ def main() -> None:
     probe_vae, probe_ldm = RUNS / "probe-gpu-vae", RUNS / "probe-gpu-ldm"
     every = [f"training.log_every={max(1, n // 4)}", f"training.checkpoint_every={n}"]
     t_vae_probe = train(VAE_CFG, probe_vae, f"training.max_steps={n}", *every)
-    vae_rate = samples_per_s(probe_vae) / vae_batch
+    vae_rate = 0.9 * samples_per_s(probe_vae) / vae_batch  # 0.9: checkpoints and logging cost a little more
     t_ldm_probe = train(LDM_CFG, probe_ldm, f"training.max_steps={n}", *every,
                         f"decoder.params.checkpoint={probe_vae}/final/decoder",
                         f"audio_encoder.params.weights={probe_vae}/final/decoder")
-    ldm_rate = samples_per_s(probe_ldm) / ldm_batch
+    ldm_rate = 0.9 * samples_per_s(probe_ldm) / ldm_batch
     # fixed costs of a run (start-up, caching, export): the probe's wall time minus its training steps
     fixed = max(0.0, t_vae_probe - n / vae_rate) + max(0.0, t_ldm_probe - n / ldm_rate)
     left = args.seconds - (time.time() - T0) - fixed - args.reserve
