@@ -374,20 +374,25 @@ def ceiling(args) -> None:
     stem = "offline-ceiling"  # the shipped preset's file; other models and decoders get their own
     if args.model:
         stem += f"-{Path(args.model).resolve().parent.name}"
-    decoder = pipe.decoder
-    if args.decoder:  # a decoder trained on the same (frozen) encoder: encode with the model's, decode with it
+    encoder = decoder = pipe.decoder
+    if args.decoder and args.vae:
+        raise SystemExit("ceiling: give --decoder (decode only) or --vae (encode and decode), not both")
+    if args.decoder or args.vae:
+        # --decoder: a decoder trained on the same (frozen) encoder: encode with the model's, decode with it
+        # --vae: another VAE altogether (its own latent space): encode and decode with it
         from reaudio_core.registry import create
-        decoder = create("decoder", "vae", checkpoint=args.decoder)
-        model += f", decoder {args.decoder}"
-        stem += f"-{Path(args.decoder).resolve().parent.parent.name}"
+        decoder = create("decoder", "vae", checkpoint=args.decoder or args.vae)
+        encoder = decoder if args.vae else pipe.decoder
+        model += f", decoder {args.decoder}" if args.decoder else f", VAE {args.vae}"
+        stem += f"-{Path(args.decoder or args.vae).resolve().parent.parent.name}"
     rows = list(csv.DictReader(open(DATA / "metadata.csv", encoding="utf-8")))
     targets = [r["category"] for r in rows]
     frames = M.seconds_to_frames(pipe.cfg["generation"]["duration"])
     # --vae-only: the real and vocoder rows do not involve the VAE; keep them from the last full run
     previous = RESULTS / "offline-ceiling.json"
     kept = {k: v for k, v in json.loads(previous.read_text())["rows"].items() if k in ("real", "vocoder")} \
-        if (args.vae_only or args.decoder) and previous.exists() else {}
-    if (args.vae_only or args.decoder) and not {"real", "vocoder"} <= set(kept):
+        if (args.vae_only or args.decoder or args.vae) and previous.exists() else {}
+    if (args.vae_only or args.decoder or args.vae) and not {"real", "vocoder"} <= set(kept):
         raise SystemExit(f"--vae-only needs the real and vocoder rows of a full ceiling run in {previous}")
     t0 = time.time()
     waves = {key: [] for key in ("real", "vocoder", "vae") if key not in kept}
@@ -398,7 +403,7 @@ def ceiling(args) -> None:
             if "real" in waves:
                 waves["real"].append(wav)
                 waves["vocoder"].append(pipe.vocoder(mel)[0])
-            waves["vae"].append(pipe.vocoder(decoder.decode(pipe.decoder.encode(mel)))[0])
+            waves["vae"].append(pipe.vocoder(decoder.decode(encoder.encode(mel)))[0])
     results = {"model": model,
                "classifier": "esc50-classifier (plugins/weights/esc50-classifier)", "sample_rate": 16000,
                "clips": len(rows), "rows": dict(kept), "rows_kept_from_previous_run": sorted(kept)}
@@ -573,6 +578,8 @@ def main() -> None:
     p.add_argument("--vae-only", action="store_true",
                    help="ceiling: measure only the VAE row; the real and vocoder rows (no VAE in them) are kept "
                         "from the last full run's docs/results/offline-ceiling.json")
+    p.add_argument("--vae", help="ceiling: encode and decode with this VAE directory (OUT/final/decoder of another "
+                                 "vae run, with its own latent space) -> offline-ceiling-<run name>.*")
     p.add_argument("--decoder", help="ceiling: decode with this VAE directory (a decoder trained on the preset's frozen "
                    "encoder) instead of the model's; writes docs/results/offline-ceiling[-<model>]-<run name>.*")
     p.add_argument("--heldout-steps", type=int, default=3200,
