@@ -95,3 +95,13 @@ def test_offline_stages_chain():
     assert anneal["training"]["lr_decay"] == "cosine"
     for name in ("offline-ldm.yaml", "offline-ldm-v.yaml", "offline-ldm-v-anneal.yaml"):
         assert stages[name]["decoder"]["params"]["checkpoint"] == "runs/offline-vae-decoder/final/decoder"
+    # the second-VAE experiment: the stage-4 LDM fine-tuned onto that VAE, whose encoder also gives the
+    # retrieved-audio tokens; the GPU recipe's LDM reads its own VAE in the same way
+    for ldm, vae, start in (("offline-ldm-vae2.yaml", "runs/offline-vae2/final/decoder",
+                             "runs/offline-ldm-v-anneal/final/denoiser"),
+                            ("offline-gpu-ldm.yaml", "runs/offline-gpu-vae/final/decoder", None)):
+        cfg = compose(files=[REPO / "configs" / ldm])
+        assert cfg["decoder"]["params"]["checkpoint"] == vae and cfg["audio_encoder"]["params"]["weights"] == vae
+        assert cfg["denoiser"]["params"].get("checkpoint") == start
+        assert cfg["diffusion"]["prediction_type"] == "v_prediction" and cfg["training"]["neighbour_pool"] == 7
+    assert compose(files=[REPO / "configs" / "offline-vae2.yaml"])["decoder"]["params"].get("checkpoint") is None
