@@ -1,5 +1,5 @@
-"""Train the offline preset's GPU recipe inside a fixed time box (how the shipped weights were made on a
-GPU lent for a few minutes).
+"""Train the offline preset's GPU recipe inside a fixed time box (say a GPU lent for a few minutes). Not yet
+run on a GPU: the shipped weights come from the CPU recipe (scripts/offline_preset.py train).
 
     python scripts/gpu_timeboxed.py --seconds 540 --pack OUTDIR
 
@@ -11,8 +11,14 @@ GPU lent for a few minutes).
 3. ``--pack DIR``: the two final exports with float weights halved (what the preset ships anyway), their
    logs and ``timebox.json`` (the chosen max_steps, measured rates, wall times), as a tar cut in 15 MB parts.
 
-The chosen max_steps are what configs/offline-gpu-*.yaml then say, so ``scripts/offline_preset.py train
---recipe gpu`` repeats the run without any probing.
+``python scripts/gpu_timeboxed.py --prepare`` (on a machine with MiniLM installed, before copying the repository to
+a GPU box that has neither MiniLM's weights nor faiss): builds runs/esc50-db with ``retriever=torch`` and fills its
+text caches (prompt embeddings, empty inputs, caption states) with a 1-step ldm run on a 2-step scratch VAE, so
+the ldm stage trains there without the text encoder (docs/training.md). Then copy runs/esc50-db and the audio
+(kept at the same absolute path as the database's item paths) along.
+
+Once a run is kept, write the chosen max_steps into configs/offline-gpu-*.yaml, so that the two
+``reaudio train`` commands repeat it without any probing.
 """
 from __future__ import annotations
 
@@ -59,7 +65,8 @@ def samples_per_s(out: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, required=True, help="the whole box, probes and exports included")
+    ap.add_argument("--seconds", type=float, help="the whole box, probes and exports included")
+    ap.add_argument("--prepare", action="store_true", help="only build runs/esc50-db (torch retriever) and its text caches")
     ap.add_argument("--vae-share", type=float, default=0.35, help="share of the training time for the VAE")
     ap.add_argument("--probe-steps", type=int, default=60)
     ap.add_argument("--reserve", type=float, default=45.0, help="seconds kept for start-up, caching and export")
@@ -67,6 +74,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="an override for every run (a quick CPU rehearsal: --set training.batch_size=2)")
     args = ap.parse_args()
+    if args.prepare:
+        prepare()
+        return
+    if args.seconds is None:
+        ap.error("--seconds is required (or --prepare)")
     EXTRA[:] = args.set
     extra = EXTRA
     import yaml
@@ -104,6 +116,26 @@ def main() -> None:
     log(json.dumps(summary))
     if args.pack:
         pack(args.pack)
+
+
+def prepare() -> None:
+    db = RUNS / "esc50-db"
+    if db.exists():
+        raise SystemExit(f"{db} exists: move it away first (--prepare builds it with retriever=torch)")
+    manifest = REPO.parent / "shared" / "data" / "esc50-fold4" / "metadata.csv"
+    subprocess.run([sys.executable, "-m", "reaudio_core.cli", "index", "build", "--manifest", str(manifest),
+                    "--out", str(db), "--quiet", "retriever=torch"], check=True, cwd=REPO)
+    vae, ldm = RUNS / "prepare-vae", RUNS / "prepare-ldm"
+    train(VAE_CFG, vae, "training.max_steps=2", "training.batch_size=2", "training.num_workers=0")
+    train(LDM_CFG, ldm, "training.max_steps=1", "training.batch_size=2", "training.num_workers=0",
+          f"decoder.params.checkpoint={vae}/final/decoder", f"audio_encoder.params.weights={vae}/final/decoder")
+    for d in (vae, ldm):
+        shutil.rmtree(d)
+    features = db / (db / "CURRENT").read_text().strip() / "features"
+    for f in features.iterdir():
+        if f.name.startswith("audio_encoder-"):  # the scratch VAE's tokens: recomputed with the real VAE anyway
+            shutil.rmtree(f)
+    log(f"{db} ready: " + ", ".join(sorted(f.name for f in features.iterdir())))
 
 
 def pack(dest: Path) -> None:
