@@ -953,7 +953,7 @@ class LdmStage(Stage):
                 print(f"note: {encoder.entry_name} weights are not installed here ({encoder.why}); using the "
                       f"{what} cached in the database as feature '{key}' (computed with fingerprint "
                       f"{str(info.get('fingerprint'))[:12]})", file=sys.stderr)
-        elif cached is not None and info.get("fingerprint") != component_fingerprint(encoder):
+        elif cached is not None and info.get("fingerprint") != self._fingerprint(encoder):
             if self.env.is_main:
                 print(f"note: cached feature '{key}' was computed with other weights: recomputing it",
                       file=sys.stderr)
@@ -962,7 +962,7 @@ class LdmStage(Stage):
             if unloaded:
                 raise ReaudioError(f"{encoder.why}; the database {self.t['database']} holds no cached {what} "
                                    f"(feature '{key}') to train without it")
-            fp = component_fingerprint(encoder)
+            fp = self._fingerprint(encoder)
             items = list(self.db.items)
             if self.env.is_main:
                 print(f"caching {what} of {len(items)} database items as feature '{key}'", file=sys.stderr)
@@ -987,6 +987,13 @@ class LdmStage(Stage):
             return torch.from_numpy(states), torch.from_numpy(mask), info
         return (torch.from_numpy(np.array(cached["states"], dtype=np.float32)),
                 torch.from_numpy(np.array(cached["mask"], dtype=bool)), info)
+
+    def _fingerprint(self, encoder) -> str:
+        """:func:`component_fingerprint`, once per encoder object (the text encoder often serves two caches)."""
+        memo = self.__dict__.setdefault("_fingerprints", {})
+        if id(encoder) not in memo:
+            memo[id(encoder)] = component_fingerprint(encoder)
+        return memo[id(encoder)]
 
     def _text_encoder_from_cache(self, exc: ReaudioError) -> "UnloadedTextEncoder":
         """A stand-in for a text encoder that cannot be built here, when the database caches every text

@@ -80,10 +80,9 @@ def main() -> None:
     if args.seconds is None:
         ap.error("--seconds is required (or --prepare)")
     EXTRA[:] = args.set
-    extra = EXTRA
     import yaml
     batches = [yaml.safe_load((REPO / c).read_text())["training"]["batch_size"] for c in (VAE_CFG, LDM_CFG)]
-    for o in extra:
+    for o in EXTRA:
         if o.startswith("training.batch_size="):
             batches = [int(o.split("=", 1)[1])] * 2
     vae_batch, ldm_batch = batches
