@@ -8,10 +8,12 @@ run on a GPU: the shipped weights come from the CPU recipe (scripts/offline_pres
    runs, and reads their steps/s from log.jsonl.
 2. Picks ``training.max_steps`` for both stages so that they end inside the box (the VAE gets
    ``--vae-share`` of the training time), and trains them into runs/offline-gpu-vae and runs/offline-gpu-ldm.
-3. ``--pack DIR``: the two final exports with float weights halved (what the preset ships anyway), their
+   ``--vae DIR`` skips the VAE stage (probe and run) and gives the whole box to the LDM, on the latents of
+   the VAE exported in DIR (a ``final/decoder`` directory, e.g. one trained on CPU with configs/offline-vae2.yaml).
+3. ``--pack DIR``: the final exports with float weights halved (what the preset ships anyway), their
    logs and ``timebox.json`` (the chosen max_steps, measured rates, wall times), as a tar cut in 15 MB parts.
 
-``python scripts/gpu_timeboxed.py --prepare`` (on a machine with MiniLM installed, before copying the repository to
+``python scripts/gpu_timeboxed.py --prepare [--db runs/esc50-db]`` (on a machine with MiniLM installed, before copying the repository to
 a GPU box that has neither MiniLM's weights nor faiss): builds runs/esc50-db with ``retriever=torch`` and fills its
 text caches (prompt embeddings, empty inputs, caption states) with a 1-step ldm run on a 2-step scratch VAE, so
 the ldm stage trains there without the text encoder (docs/training.md). Then copy runs/esc50-db and the audio
@@ -71,11 +73,13 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=60)
     ap.add_argument("--reserve", type=float, default=45.0, help="seconds kept for start-up, caching and export")
     ap.add_argument("--pack", type=Path, default=None)
+    ap.add_argument("--vae", type=Path, default=None, help="a trained VAE export (final/decoder): skip the VAE stage")
+    ap.add_argument("--db", type=Path, default=RUNS / "esc50-db", help="with --prepare: where to build the database")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="an override for every run (a quick CPU rehearsal: --set training.batch_size=2)")
     args = ap.parse_args()
     if args.prepare:
-        prepare()
+        prepare(args.db)
         return
     if args.seconds is None:
         ap.error("--seconds is required (or --prepare)")
@@ -89,36 +93,42 @@ def main() -> None:
     n = args.probe_steps
     probe_vae, probe_ldm = RUNS / "probe-gpu-vae", RUNS / "probe-gpu-ldm"
     every = [f"training.log_every={max(1, n // 4)}", f"training.checkpoint_every={n}"]
-    t_vae_probe = train(VAE_CFG, probe_vae, f"training.max_steps={n}", *every)
-    vae_rate = 0.9 * samples_per_s(probe_vae) / vae_batch  # 0.9: checkpoints and logging cost a little more
-    t_ldm_probe = train(LDM_CFG, probe_ldm, f"training.max_steps={n}", *every,
-                        f"decoder.params.checkpoint={probe_vae}/final/decoder",
-                        f"audio_encoder.params.weights={probe_vae}/final/decoder")
+    if args.vae is not None:
+        if not (args.vae / "config.json").is_file():
+            raise SystemExit(f"--vae {args.vae}: no exported VAE there (config.json missing)")
+        vae_dir, t_vae_probe, vae_rate, vae_share = args.vae.resolve(), 0.0, 1.0, 0.0
+    else:
+        t_vae_probe = train(VAE_CFG, probe_vae, f"training.max_steps={n}", *every)
+        vae_rate = 0.9 * samples_per_s(probe_vae) / vae_batch  # 0.9: checkpoints and logging cost a little more
+        vae_dir, vae_share = probe_vae / "final" / "decoder", args.vae_share
+    on_vae = [f"decoder.params.checkpoint={vae_dir}", f"audio_encoder.params.weights={vae_dir}"]
+    t_ldm_probe = train(LDM_CFG, probe_ldm, f"training.max_steps={n}", *every, *on_vae)
     ldm_rate = 0.9 * samples_per_s(probe_ldm) / ldm_batch
     # fixed costs of a run (start-up, caching, export): the probe's wall time minus its training steps
     fixed = max(0.0, t_vae_probe - n / vae_rate) + max(0.0, t_ldm_probe - n / ldm_rate)
     left = args.seconds - (time.time() - T0) - fixed - args.reserve
     if left <= 60:
         raise SystemExit(f"only {left:.0f} s left for training after the probes: nothing trained")
-    vae_steps = max(100, int(left * args.vae_share * vae_rate) // 100 * 100)
-    ldm_steps = max(100, int(left * (1 - args.vae_share) * ldm_rate) // 100 * 100)
+    vae_steps = max(100, int(left * vae_share * vae_rate) // 100 * 100) if vae_share else 0
+    ldm_steps = max(100, int(left * (1 - vae_share) * ldm_rate) // 100 * 100)
     log(f"rates: vae {vae_rate:.1f} steps/s, ldm {ldm_rate:.1f} steps/s; fixed {fixed:.0f} s; "
         f"{left:.0f} s to train -> vae {vae_steps} steps, ldm {ldm_steps} steps")
     summary = {"box_s": args.seconds, "probe_steps": n, "vae_steps_per_s": vae_rate, "ldm_steps_per_s": ldm_rate,
-               "vae_max_steps": vae_steps, "ldm_max_steps": ldm_steps}
+               "vae_max_steps": vae_steps, "ldm_max_steps": ldm_steps, "vae": str(args.vae) if args.vae else None}
     import torch
     summary["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    summary["vae_wall_s"] = train(VAE_CFG, RUNS / "offline-gpu-vae", f"training.max_steps={vae_steps}")
-    summary["ldm_wall_s"] = train(LDM_CFG, RUNS / "offline-gpu-ldm", f"training.max_steps={ldm_steps}")
+    if args.vae is None:
+        summary["vae_wall_s"] = train(VAE_CFG, RUNS / "offline-gpu-vae", f"training.max_steps={vae_steps}")
+        on_vae = []  # the LDM config reads runs/offline-gpu-vae
+    summary["ldm_wall_s"] = train(LDM_CFG, RUNS / "offline-gpu-ldm", f"training.max_steps={ldm_steps}", *on_vae)
     summary["total_s"] = time.time() - T0
     (RUNS / "timebox.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(json.dumps(summary))
     if args.pack:
-        pack(args.pack)
+        pack(args.pack, ["offline-gpu-ldm"] if args.vae else ["offline-gpu-vae", "offline-gpu-ldm"])
 
 
-def prepare() -> None:
-    db = RUNS / "esc50-db"
+def prepare(db: Path) -> None:
     if db.exists():
         raise SystemExit(f"{db} exists: move it away first (--prepare builds it with retriever=torch)")
     manifest = REPO.parent / "shared" / "data" / "esc50-fold4" / "metadata.csv"
@@ -127,6 +137,7 @@ def prepare() -> None:
     vae, ldm = RUNS / "prepare-vae", RUNS / "prepare-ldm"
     train(VAE_CFG, vae, "training.max_steps=2", "training.batch_size=2", "training.num_workers=0")
     train(LDM_CFG, ldm, "training.max_steps=1", "training.batch_size=2", "training.num_workers=0",
+          f"training.database={db}", f"generation.database={db}",
           f"decoder.params.checkpoint={vae}/final/decoder", f"audio_encoder.params.weights={vae}/final/decoder")
     for d in (vae, ldm):
         shutil.rmtree(d)
@@ -137,11 +148,11 @@ def prepare() -> None:
     log(f"{db} ready: " + ", ".join(sorted(f.name for f in features.iterdir())))
 
 
-def pack(dest: Path) -> None:
+def pack(dest: Path, names: list[str]) -> None:
     from safetensors.torch import load_file, save_file
     stage = RUNS / "pack"
     shutil.rmtree(stage, ignore_errors=True)
-    for name in ("offline-gpu-vae", "offline-gpu-ldm"):
+    for name in names:
         shutil.copytree(RUNS / name / "final", stage / name / "final")
         shutil.copy(RUNS / name / "log.jsonl", stage / name / "log.jsonl")
         for f in (stage / name / "final").rglob("*.safetensors"):
