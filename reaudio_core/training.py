@@ -770,6 +770,7 @@ class LdmStage(Stage):
 
     def __init__(self, cfg, env, progress):
         super().__init__(cfg, env, progress)
+        self._fingerprints: dict[int, str] = {}  # id(encoder) -> component_fingerprint, see _fingerprint
         from .pipeline import RETRIEVAL_TYPES
         gen = cfg["generation"]
         if gen["retrieval"] not in RETRIEVAL_TYPES:
@@ -990,10 +991,9 @@ class LdmStage(Stage):
 
     def _fingerprint(self, encoder) -> str:
         """:func:`component_fingerprint`, once per encoder object (the text encoder often serves two caches)."""
-        memo = self.__dict__.setdefault("_fingerprints", {})
-        if id(encoder) not in memo:
-            memo[id(encoder)] = component_fingerprint(encoder)
-        return memo[id(encoder)]
+        if id(encoder) not in self._fingerprints:
+            self._fingerprints[id(encoder)] = component_fingerprint(encoder)
+        return self._fingerprints[id(encoder)]
 
     def _text_encoder_from_cache(self, exc: ReaudioError) -> "UnloadedTextEncoder":
         """A stand-in for a text encoder that cannot be built here, when the database caches every text

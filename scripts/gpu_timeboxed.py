@@ -96,20 +96,21 @@ def main() -> None:
     if args.vae is not None:
         if not (args.vae / "config.json").is_file():
             raise SystemExit(f"--vae {args.vae}: no exported VAE there (config.json missing)")
-        vae_dir, t_vae_probe, vae_rate, vae_share = args.vae.resolve(), 0.0, 1.0, 0.0
+        vae_dir, vae_rate, vae_share, fixed = args.vae.resolve(), 0.0, 0.0, 0.0
     else:
         t_vae_probe = train(VAE_CFG, probe_vae, f"training.max_steps={n}", *every)
         vae_rate = 0.9 * samples_per_s(probe_vae) / vae_batch  # 0.9: checkpoints and logging cost a little more
         vae_dir, vae_share = probe_vae / "final" / "decoder", args.vae_share
+        # fixed costs of a run (start-up, caching, export): the probe's wall time minus its training steps
+        fixed = max(0.0, t_vae_probe - n / vae_rate)
     on_vae = [f"decoder.params.checkpoint={vae_dir}", f"audio_encoder.params.weights={vae_dir}"]
     t_ldm_probe = train(LDM_CFG, probe_ldm, f"training.max_steps={n}", *every, *on_vae)
     ldm_rate = 0.9 * samples_per_s(probe_ldm) / ldm_batch
-    # fixed costs of a run (start-up, caching, export): the probe's wall time minus its training steps
-    fixed = max(0.0, t_vae_probe - n / vae_rate) + max(0.0, t_ldm_probe - n / ldm_rate)
+    fixed += max(0.0, t_ldm_probe - n / ldm_rate)
     left = args.seconds - (time.time() - T0) - fixed - args.reserve
     if left <= 60:
         raise SystemExit(f"only {left:.0f} s left for training after the probes: nothing trained")
-    vae_steps = max(100, int(left * vae_share * vae_rate) // 100 * 100) if vae_share else 0
+    vae_steps = max(100, int(left * vae_share * vae_rate) // 100 * 100) if args.vae is None else 0
     ldm_steps = max(100, int(left * (1 - vae_share) * ldm_rate) // 100 * 100)
     log(f"rates: vae {vae_rate:.1f} steps/s, ldm {ldm_rate:.1f} steps/s; fixed {fixed:.0f} s; "
         f"{left:.0f} s to train -> vae {vae_steps} steps, ldm {ldm_steps} steps")

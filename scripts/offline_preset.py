@@ -388,12 +388,14 @@ def ceiling(args) -> None:
     rows = list(csv.DictReader(open(DATA / "metadata.csv", encoding="utf-8")))
     targets = [r["category"] for r in rows]
     frames = M.seconds_to_frames(pipe.cfg["generation"]["duration"])
-    # --vae-only: the real and vocoder rows do not involve the VAE; keep them from the last full run
+    # --vae-only, --decoder, --vae: the real and vocoder rows do not involve the VAE; keep them from the last full run
+    vae_row_only = next((f for f, on in (("--vae-only", args.vae_only), ("--decoder", args.decoder),
+                                         ("--vae", args.vae)) if on), None)
     previous = RESULTS / "offline-ceiling.json"
     kept = {k: v for k, v in json.loads(previous.read_text())["rows"].items() if k in ("real", "vocoder")} \
-        if (args.vae_only or args.decoder or args.vae) and previous.exists() else {}
-    if (args.vae_only or args.decoder or args.vae) and not {"real", "vocoder"} <= set(kept):
-        raise SystemExit(f"--vae-only needs the real and vocoder rows of a full ceiling run in {previous}")
+        if vae_row_only and previous.exists() else {}
+    if vae_row_only and not {"real", "vocoder"} <= set(kept):
+        raise SystemExit(f"{vae_row_only} needs the real and vocoder rows of a full ceiling run in {previous}")
     t0 = time.time()
     waves = {key: [] for key in ("real", "vocoder", "vae") if key not in kept}
     with torch.no_grad():
