@@ -478,11 +478,13 @@ class VaeObjective(nn.Module):
 
     The KL is summed over latent elements and averaged over the batch, then divided by the mel
     elements per clip, so that ``kl_weight`` has the reference's meaning (AudioLDM: sum-reconstruction
-    per clip + 1e-6 x sum-KL per clip). The reference's learned output log-variance, LPIPS-style
-    perceptual term and discriminator are left out.
+    per clip + 1e-6 x sum-KL per clip). The reference's learned output log-variance and LPIPS-style
+    perceptual term are left out; its discriminator is optional (``adversarial_weight`` > 0: a
+    :class:`MelDiscriminator` on the log-mel, hinge losses, the generator term scaled by the reference's
+    adaptive weight ``|grad recon| / |grad adv|`` at the decoder's last layer).
     """
 
-    def __init__(self, decoder, recon: str, kl_weight: float):
+    def __init__(self, decoder, recon: str, kl_weight: float, adversarial_weight: float = 0.0):
         super().__init__()
         if recon not in ("l1", "l2"):
             raise ReaudioError(f"training.recon_loss must be l1 or l2, got {recon!r}")
@@ -492,6 +494,30 @@ class VaeObjective(nn.Module):
         self.ae = torch_module(decoder, "decoder")
         self.__dict__["decoder"] = decoder  # not a submodule: its weights are self.ae's
         self.recon, self.kl_weight = recon, kl_weight
+        self.adversarial_weight = float(adversarial_weight)
+        self.disc = MelDiscriminator() if self.adversarial_weight > 0 else None
+
+    def adversarial(self, rec: torch.Tensor, mel: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Discriminator hinge loss (on ``rec`` detached: trains only the discriminator) plus the decoder's
+        adversarial term (through the discriminator with its weights detached: trains only the decoder),
+        summed so that one optimizer step trains both."""
+        d_real = self.disc(mel[:, None])
+        d_fake = self.disc(rec.detach()[:, None])
+        relu = torch.nn.functional.relu
+        d_loss = relu(1.0 - d_real).mean() + relu(1.0 + d_fake).mean()
+        frozen = {k: v.detach() for k, v in self.disc.named_parameters()}
+        g_adv = -torch.func.functional_call(self.disc, frozen, (rec[:, None],)).mean()
+        last = self.ae.decoder.conv_out.weight
+        if torch.is_grad_enabled() and last.requires_grad:
+            g_rec = torch.autograd.grad(recon, last, retain_graph=True)[0]
+            g_gan = torch.autograd.grad(g_adv, last, retain_graph=True)[0]
+            weight = (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+        else:
+            weight = torch.ones(())
+        weight = weight * self.adversarial_weight
+        return weight * g_adv + d_loss, {"g_adv": g_adv.detach(), "d_loss": d_loss.detach(),
+                                          "adv_weight": weight, "d_real": d_real.detach().mean(),
+                                          "d_fake": d_fake.detach().mean()}
 
     def forward(self, batch: dict, seed: int) -> dict:
         mel = batch["mel"]
@@ -502,7 +528,30 @@ class VaeObjective(nn.Module):
         err = (rec - mel).abs() if self.recon == "l1" else (rec - mel) ** 2
         recon = err.mean()
         kl = posterior.kl().float().mean() / mel[0].numel()
-        return {"loss": recon + self.kl_weight * kl, "recon": recon.detach(), "kl": kl.detach()}
+        out = {"loss": recon + self.kl_weight * kl, "recon": recon.detach(), "kl": kl.detach()}
+        if self.disc is not None:
+            adv, stats = self.adversarial(rec, mel, recon)
+            out = {**out, **stats, "loss": out["loss"] + adv}
+        return out
+
+
+class MelDiscriminator(nn.Module):
+    """A patch discriminator on the log-mel ``[B, 1, T, n_mels]``: four strided 4x4 convolutions with
+    spectral norm and leaky ReLU, then a 3x3 convolution to one logit per patch (about 70 ms x 10 bins at
+    the 10 ms hop: real and fake are judged on local texture, such as sharp harmonics and onsets)."""
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128, 128)):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        layers, c = [], 1
+        for i, co in enumerate(channels):
+            layers += [sn(nn.Conv2d(c, co, 4, stride=2 if i < 3 else 1, padding=1)), nn.LeakyReLU(0.2)]
+            c = co
+        layers.append(sn(nn.Conv2d(c, 1, 3, padding=1)))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, logmel: torch.Tensor) -> torch.Tensor:
+        return self.net(logmel)
 
 
 class LdmObjective(nn.Module):
@@ -673,7 +722,8 @@ class VaeStage(Stage):
         clips = self.clips()
         self.decoder = load_or_build(cfg, "decoder")
         self.dataset = self.make_dataset(clips, multiple=self.decoder.compression)
-        self.objective = VaeObjective(self.decoder, self.t["recon_loss"], float(self.t["kl_weight"]))
+        self.objective = VaeObjective(self.decoder, self.t["recon_loss"], float(self.t["kl_weight"]),
+                                      float(self.t["adversarial_weight"]))
         self.freeze_encoder = bool(self.t["freeze_encoder"])
         if self.freeze_encoder:
             # A better decoder for an LDM already trained on this VAE's latents: the encoder (and so the

@@ -19,7 +19,8 @@ Stages (each can be run alone; each resumes or skips what is already done):
   top-5 over the 50 classes and a confusion summary -> docs/results/offline-check.{json,md}, PNGs.
 * ``ceiling`` - the 400 real clips classified as they are, after log-mel -> vocoder, and after log-mel ->
   VAE -> vocoder: what the VAE and vocoder let through, whatever the LDM does -> docs/results/offline-ceiling.*
-  (``--decoder DIR``: the VAE row with another decoder on the same latents -> offline-ceiling-<run name>.*)
+  (``--decoder DIR``: the VAE row with another decoder on the same latents -> offline-ceiling-<run name>.*;
+  ``check --decoder DIR`` likewise generates through that decoder -> offline-check-<run name>.*)
 * ``conditional`` - for each class prompt, the training clips whose stored neighbour set is exactly the set the
   preset retrieves for it (what the LDM learned to produce under those conditions) and how the classifier
   hears them after the vocoder and after the VAE (from ``ceiling``'s per-clip predictions), beside how
@@ -184,11 +185,15 @@ def check(args) -> None:
     pipe = ReAudioPipeline.from_preset("offline") if not args.model else ReAudioPipeline.from_pretrained(args.model)
     if args.guidance is not None:
         pipe.cfg["generation"]["guidance"] = args.guidance
+    if args.decoder:  # a decoder trained on the model's frozen encoder (same latents): decode with it
+        from reaudio_core.registry import create
+        pipe.decoder = create("decoder", "vae", checkpoint=args.decoder)
     labels = _classify([np.zeros(16000, np.float32)])[0]
     prompts = [label.replace("_", " ") for label in labels]
     seeds = list(range(args.seeds))
     targets = [t for _ in seeds for t in labels]
-    results = {"model": "offline preset (plugins/weights/offline)" if not args.model else str(args.model),
+    results = {"model": ("offline preset (plugins/weights/offline)" if not args.model else str(args.model))
+               + (f", decoder {args.decoder}" if args.decoder else ""),
                "classifier": "esc50-classifier (plugins/weights/esc50-classifier)", "sample_rate": 16000,
                "prompts": "the 50 ESC-50 class names, underscores as spaces", "seeds": seeds,
                "clips_per_setting": len(targets), "generation": dict(pipe.cfg["generation"])}
@@ -220,6 +225,8 @@ def check(args) -> None:
                              if k != "predictions"}
     # demo spectrograms of the shipped preset at its own settings (other checks: offline-check-<run name/guidance>.*)
     stem = f"offline-check-{Path(args.model).resolve().parent.name}" if args.model else "offline-check"
+    if args.decoder:
+        stem += f"-{Path(args.decoder).resolve().parent.parent.name}"
     if args.guidance is not None:
         stem += f"-guidance{args.guidance:g}"
     # the issue's four demo prompts, DEMO_SEEDS seeds each: what the classifier hears (seed 0 also drawn)
@@ -582,8 +589,8 @@ def main() -> None:
                         "from the last full run's docs/results/offline-ceiling.json")
     p.add_argument("--vae", help="ceiling: encode and decode with this VAE directory (OUT/final/decoder of another "
                                  "vae run, with its own latent space) -> offline-ceiling-<run name>.*")
-    p.add_argument("--decoder", help="ceiling: decode with this VAE directory (a decoder trained on the preset's frozen "
-                   "encoder) instead of the model's; writes docs/results/offline-ceiling[-<model>]-<run name>.*")
+    p.add_argument("--decoder", help="ceiling / check: decode with this VAE directory (a decoder trained on the preset's "
+                   "frozen encoder) instead of the model's; writes docs/results/offline-{ceiling,check}[-<model>]-<run name>.*")
     p.add_argument("--heldout-steps", type=int, default=3200,
                    help="epsilon-stage LDM steps of the held-out-class model (default 3200, the shipped recipe)")
     p.add_argument("--heldout-v-steps", type=int, default=3000,

@@ -174,6 +174,43 @@ def test_vae_freeze_encoder_trains_the_decoder_only(tmp_path, data, vae_dir):
                 progress=False)
 
 
+def test_vae_adversarial_decoder_training(tmp_path, data, vae_dir):
+    """training.adversarial_weight: a patch discriminator trains beside the decoder in one optimizer step;
+    its gradient comes from its hinge loss only, the decoder's from reconstruction + the adaptive-weighted
+    adversarial term; it is checkpointed (resumable) but not exported."""
+    from safetensors.torch import load_file
+    cfg = compose(None, [vae_yaml(tmp_path, data / "m.csv", freeze_encoder=True, ema_decay=0,
+                                  adversarial_weight=0.5)],
+                  overrides=[f"decoder.params={{checkpoint: {vae_dir}}}"])
+    result = T.train(cfg, tmp_path / "out", progress=False)
+    rows = log_rows(tmp_path / "out")
+    assert {"g_adv", "d_loss", "adv_weight", "d_real", "d_fake"} <= set(rows[0])
+    assert all(np.isfinite(r["loss"]) and r["adv_weight"] > 0 for r in rows)
+    state = T.load_checkpoint(T.list_checkpoints(tmp_path / "out")[-1][1])
+    assert any(k.startswith("disc.") for k in state["model"])
+    exported = load_file(tmp_path / "out/final/decoder/model.safetensors")
+    assert set(exported) == set(load_file(vae_dir / "model.safetensors"))  # the decoder only, no discriminator
+    assert result.steps == 3
+
+    # gradients: discriminator <- hinge loss only; decoder <- recon + weight * generator term
+    from reaudio_plugins.vae import VAE
+    torch.manual_seed(0)
+    obj = T.VaeObjective(VAE.from_pretrained(vae_dir), "l1", 1e-6, adversarial_weight=0.5).eval()
+    batch = {"mel": torch.randn(2, 32, 64)}
+    out = obj(batch, seed=3)
+    out["loss"].backward()
+    d_grads = [p.grad.clone() for p in obj.disc.parameters()]
+    obj.zero_grad()
+    rec = obj.ae.decode(obj.decoder.posterior(batch["mel"]).sample(
+        generator=torch.Generator().manual_seed(3))).sample.squeeze(1)
+    hinge = (torch.relu(1 - obj.disc(batch["mel"][:, None])).mean()
+             + torch.relu(1 + obj.disc(rec.detach()[:, None])).mean())
+    assert hinge.item() == pytest.approx(out["d_loss"].item(), rel=1e-5)
+    hinge.backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(d_grads, obj.disc.parameters()))
+    assert out["adv_weight"] > 0 and obj.ae.decoder.conv_out.weight.grad is None  # hinge never reaches the decoder
+
+
 def test_lr_factor_warmup_then_constant_or_cosine():
     const, cos = T.lr_factor(4, 14, "none"), T.lr_factor(4, 14, "cosine")
     assert [const(s) for s in range(4)] == [cos(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
