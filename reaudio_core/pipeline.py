@@ -323,8 +323,12 @@ class ReAudioPipeline:
 
     @torch.inference_mode()
     def sample(self, cond: Conditioning, uncond: Conditioning, shape, generators: list[torch.Generator],
-               steps: int, guidance: float, sampler: str, eta: float, progress: bool = True) -> torch.Tensor:
-        """Classifier-free guidance, both halves in one batched denoiser call."""
+               steps: int, guidance: float, sampler: str, eta: float, progress: bool = True,
+               guidance_rescale: float = 0.0) -> torch.Tensor:
+        """Classifier-free guidance, both halves in one batched denoiser call. ``guidance_rescale`` (0..1)
+        blends the guided prediction with itself rescaled to the conditional prediction's standard deviation
+        per sample (Lin et al. 2023, "Common diffusion noise schedules and sample steps are flawed", sec. 3.4;
+        diffusers' ``guidance_rescale``): 0 is plain guidance."""
         scheduler = make_scheduler(self.cfg, sampler)
         scheduler.set_timesteps(steps)
         B = len(generators)
@@ -342,6 +346,10 @@ class ReAudioPipeline:
             if guided:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
+                if guidance_rescale:
+                    dims = list(range(1, eps.dim()))
+                    rescaled = eps * (eps_c.std(dim=dims, keepdim=True) / eps.std(dim=dims, keepdim=True))
+                    eps = guidance_rescale * rescaled + (1.0 - guidance_rescale) * eps
             latents = scheduler.step(eps, t, latents, generator=generators[0] if extra else None, **extra).prev_sample
             if not torch.isfinite(latents).all():
                 raise ReaudioError(f"non-finite latents at step {i + 1}/{steps}: lower the guidance scale, "
@@ -360,6 +368,7 @@ class ReAudioPipeline:
         candidates = gen["candidates"] if candidates is None else candidates
         sampler = sampler or gen["sampler"]
         k = gen["k"] if k is None else k
+        rescale = float(gen.get("guidance_rescale") or 0.0)
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
@@ -370,6 +379,8 @@ class ReAudioPipeline:
             raise ReaudioError(f"candidates must be >= 1, got {candidates}")
         if k < 1:
             raise ReaudioError(f"k must be >= 1, got {k}")
+        if not 0.0 <= rescale <= 1.0:
+            raise ReaudioError(f"generation.guidance_rescale must be in [0, 1], got {rescale}")
         notes: list[str] = []
         cleaned = []
         for p in prompts:
@@ -390,7 +401,7 @@ class ReAudioPipeline:
                                        for v in (c.prompt, c.captions, c.caption_mask, c.audio, c.audio_mask)))
         generators = [torch.Generator().manual_seed(seed + c) for _ in cleaned for c in range(candidates)]
         latents = self.sample(rep(cond), rep(uncond), shape, generators, steps, guidance, sampler,
-                              gen["eta"], progress)
+                              gen["eta"], progress, guidance_rescale=rescale)
         # 3. decode -> vocode
         mels = self.decoder.decode(latents)
         waves = self.vocoder(mels)

@@ -185,6 +185,8 @@ def check(args) -> None:
     pipe = ReAudioPipeline.from_preset("offline") if not args.model else ReAudioPipeline.from_pretrained(args.model)
     if args.guidance is not None:
         pipe.cfg["generation"]["guidance"] = args.guidance
+    if args.guidance_rescale is not None:
+        pipe.cfg["generation"]["guidance_rescale"] = args.guidance_rescale
     if args.decoder:  # a decoder trained on the model's frozen encoder (same latents): decode with it
         from reaudio_core.registry import create
         pipe.decoder = create("decoder", "vae", checkpoint=args.decoder)
@@ -229,6 +231,8 @@ def check(args) -> None:
         stem += f"-{Path(args.decoder).resolve().parent.parent.name}"
     if args.guidance is not None:
         stem += f"-guidance{args.guidance:g}"
+    if args.guidance_rescale is not None:
+        stem += f"-rescale{args.guidance_rescale:g}"
     # the four demo prompts, DEMO_SEEDS seeds each: what the classifier hears (seed 0 also drawn)
     demo = [pipe(DEMO_PROMPTS, seed=seed, progress=False) for seed in range(DEMO_SEEDS)]
     if stem == "offline-check":
@@ -245,7 +249,8 @@ def check(args) -> None:
     md = [f"Model: {results['model']}; classifier: {results['classifier']}; 16 kHz; "
           f"{len(targets)} clips per row ({len(labels)} class prompts x {len(seeds)} seeds); "
           f"{pipe.cfg['generation']['duration']} s, {pipe.cfg['generation']['steps']} "
-          f"{pipe.cfg['generation']['sampler']} steps, guidance {pipe.cfg['generation']['guidance']}, k "
+          f"{pipe.cfg['generation']['sampler']} steps, guidance {pipe.cfg['generation']['guidance']} (rescale "
+          f"{pipe.cfg['generation'].get('guidance_rescale', 0.0):g}), k "
           f"{pipe.cfg['generation']['k']}. Chance: top-1 0.02, top-5 0.10.", "",
           "| clips | top-1 | top-5 | mean p(asked class) |", "|---|---|---|---|"]
     for key, name in (("audio+text", "generated, retrieval audio+text"), ("none", "generated, retrieval off"),
@@ -584,6 +589,9 @@ def main() -> None:
     p.add_argument("--guidance", type=float,
                    help="check / heldout: this classifier-free guidance scale instead of the preset's (check "
                         "writes docs/results/offline-check[-<run name>]-guidance<G>.*, without spectrograms)")
+    p.add_argument("--guidance-rescale", type=float,
+                   help="check: this generation.guidance_rescale (0..1) instead of the preset's (writes "
+                        "docs/results/offline-check[-<run name>][-guidance<G>]-rescale<R>.*, without spectrograms)")
     p.add_argument("--vae-only", action="store_true",
                    help="ceiling: measure only the VAE row; the real and vocoder rows (no VAE in them) are kept "
                         "from the last full run's docs/results/offline-ceiling.json")

@@ -178,3 +178,52 @@ def test_cli_generate_writes_wav_png_and_config(tiny_db, tmp_path):
                           "--preset", "tiny", "--db", str(tiny_db)], capture_output=True, text=True, env=env,
                          timeout=600)
     assert bad.returncode == 2 and "empty prompt" in bad.stderr
+
+
+def test_guidance_rescale_matches_the_conditional_std(pipe, monkeypatch):
+    """generation.guidance_rescale: the prediction handed to the scheduler is the guided one blended with
+    itself rescaled to the conditional prediction's per-sample std; 0 is plain guidance; outside [0, 1] fails."""
+    import reaudio_core.pipeline as P
+    seen, outputs = [], []
+    real_make, real_denoiser = P.make_scheduler, pipe.denoiser
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def step(self, model_output, *a, **kw):
+            seen.append(model_output.clone())
+            return self.inner.step(model_output, *a, **kw)
+
+    class Denoiser(Recording):
+        def __call__(self, x, t, cond):
+            out = self.inner(x, t, cond)
+            outputs.append(out.float().clone())
+            return out
+
+    monkeypatch.setattr(P, "make_scheduler", lambda cfg, sampler: Recording(real_make(cfg, sampler)))
+    monkeypatch.setattr(pipe, "denoiser", Denoiser(real_denoiser))
+    for rescale in (0.0, 0.6):
+        seen.clear(), outputs.clear()
+        pipe.cfg["generation"]["guidance_rescale"] = rescale
+        try:
+            pipe("a dog barks", seed=4, steps=2, guidance=3.0, progress=False)
+        finally:
+            pipe.cfg["generation"]["guidance_rescale"] = 0.0
+        assert len(seen) == len(outputs) == 2
+        for eps, both in zip(seen, outputs):
+            u, c = both.chunk(2)
+            guided = u + 3.0 * (c - u)
+            expected = rescale * guided * (c.std() / guided.std()) + (1 - rescale) * guided
+            torch.testing.assert_close(eps, expected, rtol=1e-4, atol=1e-5)
+        assert rescale == 0.0 or not torch.allclose(seen[0], (outputs[0].chunk(2)[0] + 3.0 * (
+            outputs[0].chunk(2)[1] - outputs[0].chunk(2)[0])))
+    pipe.cfg["generation"]["guidance_rescale"] = 1.5
+    try:
+        with pytest.raises(ReaudioError, match="guidance_rescale"):
+            pipe("a dog barks", steps=1, progress=False)
+    finally:
+        pipe.cfg["generation"]["guidance_rescale"] = 0.0
