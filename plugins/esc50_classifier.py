@@ -225,9 +225,33 @@ def augment(x: torch.Tensor, crop: int, gen: torch.Generator, sr: int) -> torch.
     return out
 
 
+def spec_augment(mel: torch.Tensor, gen: torch.Generator, masks: int = 2, max_bins: int = 8,
+                 max_frames: int = 40) -> torch.Tensor:
+    """SpecAugment (Park et al. 2019) on ``[B, 1, T, F]`` log-mels: ``masks`` frequency bands of up to
+    ``max_bins`` bins and ``masks`` time stretches of up to ``max_frames`` frames per clip, each set to
+    that clip's mean."""
+    out = mel.clone()
+    B, _, T, Fb = mel.shape
+    for i in range(B):
+        fill = out[i].mean()
+        for size, axis in ((max_bins, 3), (max_frames, 2)):
+            n = Fb if axis == 3 else T
+            for _ in range(masks):
+                w = int(torch.randint(0, size + 1, (1,), generator=gen))
+                a = int(torch.randint(0, max(1, n - w + 1), (1,), generator=gen))
+                if axis == 3:
+                    out[i, :, :, a:a + w] = fill
+                else:
+                    out[i, :, a:a + w, :] = fill
+    return out
+
+
 def train_model(x: np.ndarray, y: np.ndarray, labels: list[str], config: dict, *, epochs: int, seed: int,
                 batch_size: int = 32, lr: float = 3e-3, crop_seconds: float = 3.0,
-                val: tuple[np.ndarray, np.ndarray] | None = None, log=print) -> tuple[Esc50Net, dict]:
+                val: tuple[np.ndarray, np.ndarray] | None = None, log=print, specaugment: bool = False,
+                mixup: float = 0.0) -> tuple[Esc50Net, dict]:
+    """``specaugment``: :func:`spec_augment` on every training batch; ``mixup`` > 0: mixup (Zhang et al.
+    2018) of log-mels and label distributions with a Beta(mixup, mixup) weight per batch."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     cfg = {**config, "labels": labels}
@@ -246,8 +270,16 @@ def train_model(x: np.ndarray, y: np.ndarray, labels: list[str], config: dict, *
             idx = perm[s:s + batch_size]
             with torch.no_grad():
                 mel = front(augment(xt[idx], crop, gen, cfg["sample_rate"]))
+                if specaugment:
+                    mel = spec_augment(mel, gen)
+            target = F.one_hot(yt[idx], len(labels)).float()
+            if mixup > 0:
+                lam = float(torch.distributions.Beta(mixup, mixup).sample())
+                perm2 = torch.randperm(len(idx), generator=gen)
+                mel = lam * mel + (1 - lam) * mel[perm2]
+                target = lam * target + (1 - lam) * target[perm2]
             _, logits = net(mel)
-            loss = F.cross_entropy(logits, yt[idx], label_smoothing=0.1)
+            loss = F.cross_entropy(logits, target, label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -298,16 +330,19 @@ def cmd_train(args) -> int:
         print(f"-- held-out fold {f + 1}/{args.folds_of}: train {tr.sum()}, validate {va.sum()} "
               f"({leak} source recordings on both sides)")
         net, hist = train_model(x[tr], y[tr], labels, config, epochs=args.epochs, seed=args.seed + f,
-                                val=(x[va], y[va]))
+                                val=(x[va], y[va]), specaugment=args.specaugment, mixup=args.mixup)
         accs.append(hist["val_accuracy"])
     print(f"-- final model on all {len(x)} clips")
-    net, _ = train_model(x, y, labels, config, epochs=args.epochs, seed=args.seed)
+    net, _ = train_model(x, y, labels, config, epochs=args.epochs, seed=args.seed, specaugment=args.specaugment,
+                         mixup=args.mixup)
     front, _ = build(config)
     train_acc = accuracy(front, net, x, y)
     elapsed = time.time() - t0
     config["training"] = {
         "data": "ESC-50 fold 4 (400 clips, 50 classes x 8, 5 s, 16 kHz)", "epochs": args.epochs, "seed": args.seed,
-        "augmentation": "time shift +-0.5 s, random 3 s crop, gain -12..+6 dB; label smoothing 0.1",
+        "augmentation": "time shift +-0.5 s, random 3 s crop, gain -12..+6 dB; label smoothing 0.1"
+                        + ("; SpecAugment 2 x 8 bins, 2 x 40 frames" if args.specaugment else "")
+                        + (f"; mixup alpha {args.mixup:g}" if args.mixup else ""),
         "held_out_folds": args.folds, "folds_of": args.folds_of,
         "held_out_accuracy": [round(a, 4) for a in accs],
         "held_out_accuracy_mean": round(float(np.mean(accs)), 4) if accs else None,
@@ -334,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--folds-of", type=int, default=4, help="split each class into this many parts (8 clips: 4 -> 6/2)")
     t.add_argument("--folds", type=int, default=1, help="how many of those parts to hold out in turn (0: none)")
     t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--specaugment", action="store_true", help="SpecAugment masks on every training batch")
+    t.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA); 0: off")
     t.set_defaults(func=cmd_train)
     args = parser.parse_args(argv)
     try:

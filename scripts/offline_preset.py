@@ -133,9 +133,21 @@ def package(args) -> None:
 # -- checks -------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _classifier():
-    """The esc50-classifier feature model, loaded once per run (check and heldout classify several times)."""
+    """The esc50-classifier feature model (the shipped weights, or CLASSIFIER's: ``--classifier DIR``),
+    loaded once per run (check and heldout classify several times)."""
     from reaudio_core.registry import create
-    return create("feature_model", "esc50-classifier")
+    return create("feature_model", "esc50-classifier", weights=CLASSIFIER[0])
+
+
+CLASSIFIER = [None]  # --classifier DIR (None: plugins/weights/esc50-classifier)
+
+
+def _classifier_name() -> str:
+    return f"esc50-classifier ({CLASSIFIER[0] or 'plugins/weights/esc50-classifier'})"
+
+
+def _classifier_stem() -> str:
+    return f"-clf-{Path(CLASSIFIER[0]).resolve().name}" if CLASSIFIER[0] else ""
 
 
 def _classify(wavs):
@@ -196,7 +208,7 @@ def check(args) -> None:
     targets = [t for _ in seeds for t in labels]
     results = {"model": ("offline preset (plugins/weights/offline)" if not args.model else str(args.model))
                + (f", decoder {args.decoder}" if args.decoder else ""),
-               "classifier": "esc50-classifier (plugins/weights/esc50-classifier)", "sample_rate": 16000,
+               "classifier": _classifier_name(), "sample_rate": 16000,
                "prompts": "the 50 ESC-50 class names, underscores as spaces", "seeds": seeds,
                "clips_per_setting": len(targets), "generation": dict(pipe.cfg["generation"])}
     t0 = time.time()
@@ -233,6 +245,7 @@ def check(args) -> None:
         stem += f"-guidance{args.guidance:g}"
     if args.guidance_rescale is not None:
         stem += f"-rescale{args.guidance_rescale:g}"
+    stem += _classifier_stem()
     # the issue's four demo prompts, DEMO_SEEDS seeds each: what the classifier hears (seed 0 also drawn)
     demo = [pipe(DEMO_PROMPTS, seed=seed, progress=False) for seed in range(DEMO_SEEDS)]
     if stem == "offline-check":
@@ -403,7 +416,8 @@ def ceiling(args) -> None:
     # --vae-only, --decoder, --vae: the real and vocoder rows do not involve the VAE; keep them from the last full run
     vae_row_only = next((f for f, on in (("--vae-only", args.vae_only), ("--decoder", args.decoder),
                                          ("--vae", args.vae)) if on), None)
-    previous = RESULTS / "offline-ceiling.json"
+    stem += _classifier_stem()
+    previous = RESULTS / f"offline-ceiling{_classifier_stem()}.json"  # the full run judged by the same classifier
     kept = {k: v for k, v in json.loads(previous.read_text())["rows"].items() if k in ("real", "vocoder")} \
         if vae_row_only and previous.exists() else {}
     if vae_row_only and not {"real", "vocoder"} <= set(kept):
@@ -419,7 +433,7 @@ def ceiling(args) -> None:
                 waves["vocoder"].append(pipe.vocoder(mel)[0])
             waves["vae"].append(pipe.vocoder(decoder.decode(encoder.encode(mel)))[0])
     results = {"model": model,
-               "classifier": "esc50-classifier (plugins/weights/esc50-classifier)", "sample_rate": 16000,
+               "classifier": _classifier_name(), "sample_rate": 16000,
                "clips": len(rows), "rows": dict(kept), "rows_kept_from_previous_run": sorted(kept)}
     names = {"real": "real clips", "vocoder": "real clips -> log-mel -> vocoder",
              "vae": "real clips -> log-mel -> VAE encode/decode (latent mean) -> vocoder"}
@@ -592,6 +606,10 @@ def main() -> None:
     p.add_argument("--guidance-rescale", type=float,
                    help="check: this generation.guidance_rescale (0..1) instead of the preset's (writes "
                         "docs/results/offline-check[-<run name>][-guidance<G>]-rescale<R>.*, without spectrograms)")
+    p.add_argument("--classifier", metavar="DIR",
+                   help="check / ceiling: judge with these esc50-classifier weights (python -m "
+                        "reaudio_plugins.esc50_classifier train --out DIR) instead of the shipped ones; the result "
+                        "files get -clf-<DIR name> appended")
     p.add_argument("--vae-only", action="store_true",
                    help="ceiling: measure only the VAE row; the real and vocoder rows (no VAE in them) are kept "
                         "from the last full run's docs/results/offline-ceiling.json")
@@ -607,6 +625,7 @@ def main() -> None:
                    help="annealing-stage LDM steps of the held-out-class model (default 2000, the shipped recipe)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    CLASSIFIER[0] = args.classifier
     stages = ["train", "package", "check", "heldout"] if args.stage == "all" else [args.stage]
     for stage in stages:
         globals()[stage.replace("-", "_")](args)

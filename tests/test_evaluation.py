@@ -386,3 +386,32 @@ def test_feature_model_contract(name):
     if hasattr(model, "embed_text"):
         t = model.embed_text(["a dog barks"])
         assert t.shape == (1, frames[0].shape[1])
+
+
+def test_esc50_classifier_training_augmentations():
+    """SpecAugment masks bands and stretches with each clip's mean, reproducibly; training with SpecAugment
+    and mixup is reproducible for a seed and differs from training without them."""
+    from reaudio_plugins import esc50_classifier as C
+    mel = torch.randn(3, 1, 100, 64)
+    a = C.spec_augment(mel, torch.Generator().manual_seed(0), max_bins=8, max_frames=20)
+    b = C.spec_augment(mel, torch.Generator().manual_seed(0), max_bins=8, max_frames=20)
+    assert a.shape == mel.shape and torch.equal(a, b) and not torch.equal(a, mel)
+    changed = a != mel
+    for i in range(3):
+        assert torch.allclose(a[i][changed[i]], mel[i].mean().expand(int(changed[i].sum())))
+        assert changed[i].float().mean() < 0.6  # at most 2 x 8 of 64 bins and 2 x 20 of 100 frames
+    t = np.arange(16000) / 16000
+    x = np.stack([0.3 * np.sin(2 * np.pi * (300 if k % 2 else 2000) * t) for k in range(8)]).astype(np.float32)
+    y = np.array([k % 2 for k in range(8)])
+    torch.set_num_threads(1)
+
+    def weights(**aug):
+        net, _ = C.train_model(x, y, ["low", "high"], dict(C.DEFAULT_CONFIG), epochs=2, seed=0, batch_size=4,
+                               crop_seconds=0.8, log=lambda m: None, **aug)
+        return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+    augmented = weights(specaugment=True, mixup=0.2)
+    assert torch.isfinite(augmented).all()
+    assert torch.equal(augmented, weights(specaugment=True, mixup=0.2))
+    assert not torch.equal(augmented, weights())
+    assert not torch.equal(weights(specaugment=True), weights(mixup=0.2))

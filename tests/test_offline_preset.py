@@ -109,3 +109,10 @@ def test_conditional_names_what_the_ldm_learned_under_each_retrieved_set(tmp_pat
         assert not set(v["trained_targets"]) & set(v["retrieved"]), cls
         assert v["vae_share"] == (1.0 if cls == "dog" else 0.0), cls
     assert "church_bells" in (tmp_path / "offline-conditional.md").read_text()
+
+
+def test_shipped_model_card_is_the_docs_copy():
+    """`offline_preset.py package` copies docs/offline-preset-card.md into the weights folder: edits to one
+    must reach the other, or the installed card and the docs disagree."""
+    repo = Path(__file__).resolve().parents[1]
+    assert (repo / "plugins/weights/offline/README.md").read_text() == (repo / "docs/offline-preset-card.md").read_text()
