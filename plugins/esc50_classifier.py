@@ -231,18 +231,13 @@ def spec_augment(mel: torch.Tensor, gen: torch.Generator, masks: int = 2, max_bi
     ``max_bins`` bins and ``masks`` time stretches of up to ``max_frames`` frames per clip, each set to
     that clip's mean."""
     out = mel.clone()
-    B, _, T, Fb = mel.shape
-    for i in range(B):
-        fill = out[i].mean()
-        for size, axis in ((max_bins, 3), (max_frames, 2)):
-            n = Fb if axis == 3 else T
+    for clip in out:  # [1, T, F] views into out
+        fill = clip.mean()
+        for size, axis in ((max_bins, -1), (max_frames, -2)):
             for _ in range(masks):
                 w = int(torch.randint(0, size + 1, (1,), generator=gen))
-                a = int(torch.randint(0, max(1, n - w + 1), (1,), generator=gen))
-                if axis == 3:
-                    out[i, :, :, a:a + w] = fill
-                else:
-                    out[i, :, a:a + w, :] = fill
+                a = int(torch.randint(0, max(1, clip.shape[axis] - w + 1), (1,), generator=gen))
+                clip.narrow(axis, a, w).fill_(fill)
     return out
 
 

@@ -328,7 +328,7 @@ class ReAudioPipeline:
         """Classifier-free guidance, both halves in one batched denoiser call. ``guidance_rescale`` (0..1)
         blends the guided prediction with itself rescaled to the conditional prediction's standard deviation
         per sample (Lin et al. 2023, "Common diffusion noise schedules and sample steps are flawed", sec. 3.4;
-        diffusers' ``guidance_rescale``): 0 is plain guidance."""
+        diffusers' ``rescale_noise_cfg``): 0 is plain guidance."""
         scheduler = make_scheduler(self.cfg, sampler)
         scheduler.set_timesteps(steps)
         B = len(generators)
@@ -347,9 +347,8 @@ class ReAudioPipeline:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
                 if guidance_rescale:
-                    dims = list(range(1, eps.dim()))
-                    rescaled = eps * (eps_c.std(dim=dims, keepdim=True) / eps.std(dim=dims, keepdim=True))
-                    eps = guidance_rescale * rescaled + (1.0 - guidance_rescale) * eps
+                    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+                    eps = rescale_noise_cfg(eps, eps_c, guidance_rescale)
             latents = scheduler.step(eps, t, latents, generator=generators[0] if extra else None, **extra).prev_sample
             if not torch.isfinite(latents).all():
                 raise ReaudioError(f"non-finite latents at step {i + 1}/{steps}: lower the guidance scale, "
@@ -368,7 +367,7 @@ class ReAudioPipeline:
         candidates = gen["candidates"] if candidates is None else candidates
         sampler = sampler or gen["sampler"]
         k = gen["k"] if k is None else k
-        rescale = float(gen.get("guidance_rescale") or 0.0)
+        rescale = float(gen["guidance_rescale"])
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:

@@ -133,21 +133,21 @@ def package(args) -> None:
 # -- checks -------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _classifier():
-    """The esc50-classifier feature model (the shipped weights, or CLASSIFIER's: ``--classifier DIR``),
+    """The esc50-classifier feature model (the shipped weights, or CLASSIFIER_DIR's: ``--classifier DIR``),
     loaded once per run (check and heldout classify several times)."""
     from reaudio_core.registry import create
-    return create("feature_model", "esc50-classifier", weights=CLASSIFIER[0])
+    return create("feature_model", "esc50-classifier", weights=CLASSIFIER_DIR)
 
 
-CLASSIFIER = [None]  # --classifier DIR (None: plugins/weights/esc50-classifier)
+CLASSIFIER_DIR: str | None = None  # --classifier DIR (None: plugins/weights/esc50-classifier)
 
 
 def _classifier_name() -> str:
-    return f"esc50-classifier ({CLASSIFIER[0] or 'plugins/weights/esc50-classifier'})"
+    return f"esc50-classifier ({CLASSIFIER_DIR or 'plugins/weights/esc50-classifier'})"
 
 
 def _classifier_stem() -> str:
-    return f"-clf-{Path(CLASSIFIER[0]).resolve().name}" if CLASSIFIER[0] else ""
+    return f"-clf-{Path(CLASSIFIER_DIR).resolve().name}" if CLASSIFIER_DIR else ""
 
 
 def _classify(wavs):
@@ -625,7 +625,8 @@ def main() -> None:
                    help="annealing-stage LDM steps of the held-out-class model (default 2000, the shipped recipe)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    CLASSIFIER[0] = args.classifier
+    global CLASSIFIER_DIR
+    CLASSIFIER_DIR = args.classifier
     stages = ["train", "package", "check", "heldout"] if args.stage == "all" else [args.stage]
     for stage in stages:
         globals()[stage.replace("-", "_")](args)
