@@ -204,7 +204,8 @@ def check(args) -> None:
         pipe.decoder = create("decoder", "vae", checkpoint=args.decoder)
     labels = _classify([np.zeros(16000, np.float32)])[0]
     prompts = [label.replace("_", " ") for label in labels]
-    seeds = list(range(args.seeds))
+    n_seeds = args.seeds if args.seeds is not None else 1
+    seeds = list(range(n_seeds))
     targets = [t for _ in seeds for t in labels]
     results = {"model": ("offline preset (plugins/weights/offline)" if not args.model else str(args.model))
                + (f", decoder {args.decoder}" if args.decoder else ""),
@@ -245,6 +246,8 @@ def check(args) -> None:
         stem += f"-guidance{args.guidance:g}"
     if args.guidance_rescale is not None:
         stem += f"-rescale{args.guidance_rescale:g}"
+    if n_seeds != 1:  # the tables in docs/results.md are one seed per prompt; more seeds get their own files
+        stem += f"-seeds{n_seeds}"
     stem += _classifier_stem()
     # the four demo prompts, DEMO_SEEDS seeds each: what the classifier hears (seed 0 also drawn)
     demo = [pipe(DEMO_PROMPTS, seed=seed, progress=False) for seed in range(DEMO_SEEDS)]
@@ -328,7 +331,7 @@ def heldout(args) -> None:
                      procs=args.procs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     prompts = [c.replace("_", " ") for c in HELDOUT_CLASSES]
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.seeds if args.seeds is not None else 4))
     targets = [c for _ in seeds for c in HELDOUT_CLASSES]
     results = {"excluded_classes": HELDOUT_CLASSES, "seeds": seeds, "clips_per_setting": len(targets),
                "heldout_training_steps": [args.heldout_steps, args.heldout_v_steps, args.heldout_anneal_steps],
@@ -506,8 +509,9 @@ def conditional(args) -> None:
     pairs = np.array([(v["vae_share"], v["generated_top1"]) for v in cl.values() if v["vae_share"] is not None])
     out["correlation_vae_share_vs_generated"] = float(np.corrcoef(pairs.T)[0, 1])
     sets_md = []
-    if args.seeds > 0:
-        sets_md = _generate_from_trained_sets(db, table, files, heard, range(args.seeds), out)
+    n_seeds = args.seeds if args.seeds is not None else 4
+    if n_seeds > 0:
+        sets_md = _generate_from_trained_sets(db, table, files, heard, range(n_seeds), out)
     (RESULTS / "offline-conditional.json").write_text(json.dumps(out, indent=2))
     md = [f"For each of the 50 class prompts: the k = {k} clips the shipped preset retrieves, the training clips whose "
           f"stored top-{k} neighbours are exactly those (the clips the LDM learned to make from that condition), "
@@ -597,7 +601,9 @@ def main() -> None:
     p.add_argument("stage", choices=["all", "train", "package", "check", "ceiling", "conditional", "vae-l1", "diagnose",
                                          "heldout"])
     p.add_argument("--procs", type=int, default=2, help="torchrun processes for the LDM stage (default 2)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per class prompt in check / heldout (default 2)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds per prompt: check (default 1; other than 1 appends -seeds<N> to its result files), "
+                        "heldout and conditional (default 4)")
     p.add_argument("--model", help="check / ceiling / diagnose a saved pipeline directory instead of the shipped preset "
                    "(check writes docs/results/offline-check-<run name>.*)")
     p.add_argument("--guidance", type=float,
