@@ -9,9 +9,10 @@ Stages (each can be run alone; each resumes or skips what is already done):
 * ``train``   - ``reaudio train`` with configs/offline-vae.yaml, then configs/offline-vae-decoder.yaml (a longer-trained
   decoder on the frozen encoder), ``reaudio index build`` of the 400 clips,
   ``reaudio train`` with configs/offline-ldm.yaml (epsilon prediction), configs/offline-ldm-v.yaml
-  (its fine-tune to v-prediction) and configs/offline-ldm-v-anneal.yaml (that fine-tune continued with the
-  learning rate decayed to 0), all under torchrun with 2 CPU processes, into ``runs/``.
-* ``package`` - copies the final LDM export (runs/offline-ldm-v-anneal/final) into ``plugins/weights/offline/`` (the files the ``offline`` preset
+  (its fine-tune to v-prediction), configs/offline-ldm-v-anneal.yaml (that fine-tune continued with the
+  learning rate decayed to 0) and configs/offline-ldm-v-pool7.yaml (continued again, each clip's neighbours
+  drawn from a pool of 7), all under torchrun with 2 CPU processes, into ``runs/``.
+* ``package`` - copies the final LDM export (runs/offline-ldm-v-pool7/final) into ``plugins/weights/offline/`` (the files the ``offline`` preset
   of registry.yaml loads), builds the preset's retrieval database there (MiniLM caption embeddings,
   FAISS) and caches the retrieved-audio tokens in it, so generation never needs the source audio.
 * ``check``   - generates one clip per ESC-50 class prompt with the shipped preset, retrieval on and off,
@@ -56,7 +57,8 @@ DEMO_CLASSES = ["dog", "rain", "church_bells", "siren"]  # what each demo prompt
 DEMO_SEEDS = 4
 # the LDM stages, in order: each starts from the EMA weights the one before exported (named in its config)
 LDM_STAGES = [("configs/offline-ldm.yaml", "offline-ldm"), ("configs/offline-ldm-v.yaml", "offline-ldm-v"),
-              ("configs/offline-ldm-v-anneal.yaml", "offline-ldm-v-anneal")]
+              ("configs/offline-ldm-v-anneal.yaml", "offline-ldm-v-anneal"),
+              ("configs/offline-ldm-v-pool7.yaml", "offline-ldm-v-pool7")]
 
 
 def reaudio(*args: str, procs: int = 1) -> None:

@@ -86,14 +86,18 @@ def test_shipped_training_configs_compose(path):
 def test_offline_stages_chain():
     """Each stage of the offline recipe starts from the export of the stage before it."""
     stages = {p: compose(files=[REPO / "configs" / p]) for p in
-              ("offline-vae-decoder.yaml", "offline-ldm.yaml", "offline-ldm-v.yaml", "offline-ldm-v-anneal.yaml")}
+              ("offline-vae-decoder.yaml", "offline-ldm.yaml", "offline-ldm-v.yaml", "offline-ldm-v-anneal.yaml",
+               "offline-ldm-v-pool7.yaml")}
     assert stages["offline-vae-decoder.yaml"]["decoder"]["params"]["checkpoint"] == "runs/offline-vae/final/decoder"
     assert stages["offline-ldm-v.yaml"]["denoiser"]["params"]["checkpoint"] == "runs/offline-ldm/final/denoiser"
     anneal = stages["offline-ldm-v-anneal.yaml"]
     assert anneal["denoiser"]["params"]["checkpoint"] == "runs/offline-ldm-v/final/denoiser"
     assert anneal["diffusion"]["prediction_type"] == "v_prediction"
     assert anneal["training"]["lr_decay"] == "cosine"
-    for name in ("offline-ldm.yaml", "offline-ldm-v.yaml", "offline-ldm-v-anneal.yaml"):
+    pool7 = stages["offline-ldm-v-pool7.yaml"]
+    assert pool7["denoiser"]["params"]["checkpoint"] == "runs/offline-ldm-v-anneal/final/denoiser"
+    assert pool7["diffusion"]["prediction_type"] == "v_prediction" and pool7["training"]["neighbour_pool"] == 7
+    for name in ("offline-ldm.yaml", "offline-ldm-v.yaml", "offline-ldm-v-anneal.yaml", "offline-ldm-v-pool7.yaml"):
         assert stages[name]["decoder"]["params"]["checkpoint"] == "runs/offline-vae-decoder/final/decoder"
     # the second-VAE experiment: the stage-4 LDM fine-tuned onto that VAE, whose encoder also gives the
     # retrieved-audio tokens; the GPU recipe's LDM reads its own VAE in the same way
