@@ -183,6 +183,11 @@ def _score(labels, probs, targets):
             "predictions": [labels[p] for p in pred]}
 
 
+def _n_seeds(args, default: int) -> int:
+    """``--seeds``, or this stage's own default when it is not given."""
+    return default if args.seeds is None else args.seeds
+
+
 def _per_class(targets, predictions, classes):
     """Top-1 per class: the share of each class's clips whose prediction is that class."""
     import numpy as np
@@ -206,7 +211,7 @@ def check(args) -> None:
         pipe.decoder = create("decoder", "vae", checkpoint=args.decoder)
     labels = _classify([np.zeros(16000, np.float32)])[0]
     prompts = [label.replace("_", " ") for label in labels]
-    n_seeds = args.seeds if args.seeds is not None else 1
+    n_seeds = _n_seeds(args, 1)
     seeds = list(range(n_seeds))
     targets = [t for _ in seeds for t in labels]
     results = {"model": ("offline preset (plugins/weights/offline)" if not args.model else str(args.model))
@@ -322,18 +327,19 @@ def heldout(args) -> None:
     import numpy as np
 
     from reaudio_core.pipeline import ReAudioPipeline
-    # the shipped LDM stages, each without the held-out classes and starting from the held-out stage before it
+    # the first three shipped LDM stages (epsilon, v, annealed; not the pool-7 stage), each without the
+    # held-out classes and starting from the held-out stage before it
     excl = "[" + ",".join(HELDOUT_CLASSES) + "]"
     steps = [args.heldout_steps, args.heldout_v_steps, args.heldout_anneal_steps]
     out = None
-    for (config, name), n in zip(LDM_STAGES, steps):
+    for (config, name), n in zip(LDM_STAGES[:3], steps):
         start = [f"denoiser.params.checkpoint={out / 'final' / 'denoiser'}"] if out else []
         out = RUNS / f"{name}-heldout"
         _train_stage(config, out, f"training.exclude_labels={excl}", *start, f"training.max_steps={n}",
                      procs=args.procs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     prompts = [c.replace("_", " ") for c in HELDOUT_CLASSES]
-    seeds = list(range(args.seeds if args.seeds is not None else 4))
+    seeds = list(range(_n_seeds(args, 4)))
     targets = [c for _ in seeds for c in HELDOUT_CLASSES]
     results = {"excluded_classes": HELDOUT_CLASSES, "seeds": seeds, "clips_per_setting": len(targets),
                "heldout_training_steps": [args.heldout_steps, args.heldout_v_steps, args.heldout_anneal_steps],
@@ -511,7 +517,7 @@ def conditional(args) -> None:
     pairs = np.array([(v["vae_share"], v["generated_top1"]) for v in cl.values() if v["vae_share"] is not None])
     out["correlation_vae_share_vs_generated"] = float(np.corrcoef(pairs.T)[0, 1])
     sets_md = []
-    n_seeds = args.seeds if args.seeds is not None else 4
+    n_seeds = _n_seeds(args, 4)
     if n_seeds > 0:
         sets_md = _generate_from_trained_sets(db, table, files, heard, range(n_seeds), out)
     (RESULTS / "offline-conditional.json").write_text(json.dumps(out, indent=2))
