@@ -22,6 +22,11 @@ in/out channels 8 (the VAE latents).
   second; masks are ``[B, L]`` bool, ``True`` = attend (diffusers' ``encoder_attention_mask`` /
   ``encoder_attention_mask_1``; a masked key gets a -10000 bias). A stream given in the
   ``Conditioning`` that the model was not built with is ignored.
+* Frequency maps (``freq_channels``, default 0 = AudioLDM's UNet): that many fixed maps
+  (:func:`frequency_maps`, a cosine of the latent row index) are concatenated to the latents before
+  ``conv_in``, so every position knows its frequency row. Weights without them load into a model with
+  them with zero ``conv_in`` weights for the maps (the same output until trained). Not part of the
+  paper; an option of this package (docs/results.md, section 1, says what it changed).
 
 Head convention (one, the original code's): every attention layer of a level with ``c`` channels has
 ``c // head_width`` heads of width ``head_width`` (32 for S and M, 64 for L, 16 for ``tiny``). For S
@@ -73,7 +78,7 @@ RETRIEVAL_CLASS = "AudioLDM2UNet2DConditionModel"
 LDM_UNET = "model.diffusion_model."
 LDM_EMA = "model_ema."
 PARAMS = ("size", "block_out_channels", "layers_per_block", "head_width", "prompt_dim", "text_dim", "audio_dim",
-          "in_channels", "checkpoint", "device")
+          "in_channels", "freq_channels", "checkpoint", "device")
 
 
 def default_head_width(model_channels: int) -> int:
@@ -90,13 +95,14 @@ def attention_heads(block_out_channels, head_width: int) -> list[int]:
 
 
 def diffusers_unet_config(*, block_out_channels, layers_per_block, head_width, prompt_dim, in_channels,
-                          stream_dims=()) -> tuple[str, dict]:
+                          freq_channels=0, stream_dims=()) -> tuple[str, dict]:
     """``(class name, constructor kwargs)`` of the diffusers UNet for these sizes; ``stream_dims`` are the
-    widths of the retrieval streams in order (empty = AudioLDM's no-retrieval UNet)."""
+    widths of the retrieval streams in order (empty = AudioLDM's no-retrieval UNet); ``freq_channels``
+    position maps are read beside the ``in_channels`` latent channels (:func:`frequency_maps`)."""
     chans = [int(c) for c in block_out_channels]
     levels = len(chans)
     common = dict(
-        sample_size=None, in_channels=int(in_channels), out_channels=int(in_channels), flip_sin_to_cos=True,
+        sample_size=None, in_channels=int(in_channels) + int(freq_channels), out_channels=int(in_channels), flip_sin_to_cos=True,
         freq_shift=0, down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (levels - 1),
         up_block_types=["CrossAttnUpBlock2D"] * (levels - 1) + ["UpBlock2D"], block_out_channels=chans,
         layers_per_block=int(layers_per_block), norm_num_groups=NORM_GROUPS, norm_eps=1e-5,
@@ -106,6 +112,17 @@ def diffusers_unet_config(*, block_out_channels, layers_per_block, head_width, p
     if not stream_dims:
         return BASELINE_CLASS, {**common, "cross_attention_dim": chans}
     return RETRIEVAL_CLASS, {**common, "cross_attention_dim": [[None, *map(int, stream_dims)] for _ in chans]}
+
+
+def frequency_maps(n: int, T: int, F: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """``[n, T, F]`` fixed maps that tell each latent position its frequency row: map ``j`` is
+    ``cos(pi * (j + 1) * (f + 0.5) / F)`` for row ``f`` (constant along time). Convolutions are
+    shift-equivariant along frequency, so without them a position knows its pitch only from the zero
+    padding at the edges; with them a query can read the part of a retrieved-audio token (the ``vae-latent``
+    tokens flatten channels x frequency rows) that belongs to its own row."""
+    pos = (torch.arange(F, dtype=torch.float64) + 0.5) / F
+    maps = torch.stack([torch.cos(torch.pi * (j + 1) * pos) for j in range(n)])  # [n, F]
+    return maps[:, None, :].expand(n, T, F).to(device=device, dtype=dtype)
 
 
 def build_unet(**arch) -> torch.nn.Module:
@@ -350,8 +367,8 @@ def read_unet_checkpoint(path: str | Path) -> UnetSource:
             return UnetSource(read_weights(weights), arch, streams, heads)
         if (path / CONFIG_FILE).exists() and (path / WEIGHTS_FILE).exists():
             cfg = read_json(path / CONFIG_FILE)
-            arch = {k: cfg[k] for k in ("block_out_channels", "layers_per_block", "prompt_dim", "in_channels")
-                    if cfg.get(k) is not None}
+            arch = {k: cfg[k] for k in ("block_out_channels", "layers_per_block", "prompt_dim", "in_channels",
+                                        "freq_channels") if cfg.get(k) is not None}
             streams = [int(cfg[k]) for k in ("text_dim", "audio_dim") if cfg.get(k) is not None]
             return UnetSource(read_weights(path / WEIGHTS_FILE), arch, streams, head_width=cfg.get("head_width"))
         raise ReaudioError(f"{path}: not a UNet directory (expected {CONFIG_FILE} + {WEIGHTS_FILE} written by "
@@ -376,17 +393,19 @@ class UNetLDM(Denoiser):
     """
 
     def __init__(self, *, size, block_out_channels, layers_per_block, head_width, prompt_dim, text_dim, audio_dim,
-                 in_channels, checkpoint, device):
+                 in_channels, checkpoint, device, freq_channels=0):
         if size not in SIZES:
             raise ReaudioError(f"unet-ldm: unknown size {size!r}; known: {', '.join(SIZES)}")
         base, size_layers, size_width = SIZES[size]
         arch = {"block_out_channels": [base * m for m in CHANNEL_MULT] if block_out_channels is None
                 else list(block_out_channels),
                 "layers_per_block": size_layers if layers_per_block is None else layers_per_block,
-                "prompt_dim": prompt_dim, "in_channels": in_channels}
+                "prompt_dim": prompt_dim, "in_channels": in_channels, "freq_channels": freq_channels}
         streams = [d for d in (text_dim, audio_dim) if d is not None]
         source = read_unet_checkpoint(checkpoint) if checkpoint else None
         if source is not None:
+            if not source.arch.get("freq_channels"):  # weights without frequency maps fit a model with them
+                source.arch.pop("freq_channels", None)
             changed = {k: v for k, v in source.arch.items() if arch.get(k) != v}
             if changed:
                 log.info("unet-ldm: sizes taken from %s: %s", checkpoint, changed)
@@ -404,7 +423,8 @@ class UNetLDM(Denoiser):
         self._validate(arch, streams)
         arch = {"block_out_channels": [int(c) for c in arch["block_out_channels"]],
                 "layers_per_block": int(arch["layers_per_block"]), "head_width": int(arch["head_width"]),
-                "prompt_dim": int(arch["prompt_dim"]), "in_channels": int(arch["in_channels"])}
+                "prompt_dim": int(arch["prompt_dim"]), "in_channels": int(arch["in_channels"]),
+                "freq_channels": int(arch["freq_channels"])}
         if source is not None and source.heads is not None:
             mine = attention_heads(arch["block_out_channels"], arch["head_width"])
             if source.heads[1:] != mine[1:]:
@@ -416,6 +436,7 @@ class UNetLDM(Denoiser):
         self.audio_dim = None if audio_dim is None else int(audio_dim)
         self.prompt_dim = arch["prompt_dim"]
         self.in_channels = arch["in_channels"]
+        self.freq_channels = arch["freq_channels"]
         self.downsample = 2 ** (len(arch["block_out_channels"]) - 1)
         self.size = size
         self.model = build_unet(**arch, stream_dims=[d for d in (self.text_dim, self.audio_dim) if d is not None])
@@ -452,6 +473,9 @@ class UNetLDM(Denoiser):
             v = arch[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ReaudioError(f"unet-ldm: {key} must be a positive integer, got {v!r}")
+        v = arch["freq_channels"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ReaudioError(f"unet-ldm: freq_channels must be an integer >= 0, got {v!r}")
         bad = [c for c in chans[1:] if c % arch["head_width"]]
         if bad:
             raise ReaudioError(f"unet-ldm: attention widths {bad} are not multiples of head_width={arch['head_width']}")
@@ -473,7 +497,20 @@ class UNetLDM(Denoiser):
             state = inflate_audioldm_state_dict(state, self.model, n_streams)
             log.info("unet-ldm: retrieval UNet initialised from the AudioLDM UNet in %s (%d new stream layers per "
                      "attention level, zero output projection)", checkpoint, n_streams)
+        state = self._inflate_freq_channels(state, checkpoint)
         load_strict(self.model, state, f"unet weights {checkpoint}", hint=hint)
+
+    def _inflate_freq_channels(self, state: dict, checkpoint) -> dict:
+        """Weights of a UNet without frequency maps, for one with them: ``conv_in`` gets zero weights for the
+        new input channels, so the model computes exactly what the checkpoint does until trained."""
+        w = state.get("conv_in.weight")
+        want = self.in_channels + self.freq_channels
+        if w is None or w.shape[1] != self.in_channels or not self.freq_channels:
+            return state
+        zeros = torch.zeros(w.shape[0], want - w.shape[1], *w.shape[2:], dtype=w.dtype)
+        log.info("unet-ldm: %s has no frequency maps; conv_in extended by %d zero-initialised input channels",
+                 checkpoint, self.freq_channels)
+        return {**state, "conv_in.weight": torch.cat([w, zeros], 1)}
 
     def _baseline_keys(self, n_streams: int) -> list[str]:
         """Keys of AudioLDM's (no-retrieval) UNet with this model's sizes."""
@@ -532,7 +569,11 @@ class UNetLDM(Denoiser):
             suffix = "" if i == 0 else "_1"
             kwargs[f"encoder_hidden_states{suffix}"] = states
             kwargs[f"encoder_attention_mask{suffix}"] = mask
-        out = self.model(latents.to(self.device, torch.float32), timesteps.to(self.device), **kwargs).sample
+        x = latents.to(self.device, torch.float32)
+        if self.freq_channels:
+            maps = frequency_maps(self.freq_channels, T, F, device=self.device)
+            x = torch.cat([x, maps.expand(B, -1, -1, -1)], 1)
+        out = self.model(x, timesteps.to(self.device), **kwargs).sample
         return out.to(latents.device, torch.float32)
 
     # -- persistence ---------------------------------------------------------------------------------------
@@ -540,7 +581,8 @@ class UNetLDM(Denoiser):
     def params(self) -> dict:
         """Constructor keywords that rebuild this component (weights apart)."""
         return {"size": self.size, **{k: self.arch[k] for k in ("block_out_channels", "layers_per_block",
-                                                                "head_width", "prompt_dim", "in_channels")},
+                                                                "head_width", "prompt_dim", "in_channels",
+                                                                "freq_channels")},
                 "text_dim": self.text_dim, "audio_dim": self.audio_dim, "checkpoint": None, "device": "cpu"}
 
     def save_pretrained(self, directory: str | Path) -> None:

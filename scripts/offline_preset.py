@@ -33,6 +33,8 @@ Stages (each can be run alone; each resumes or skips what is already done):
 * ``heldout`` - retrains the LDM without some classes (their clips stay in the database) and measures
   generation for those classes with retrieval on, on with their clips hidden, and off (the held-out and
   the shipped model) -> docs/results/offline-heldout.{json,md}.
+* ``renoise`` - real clips of five classes noised to t0 = 0 ... 1000 and denoised back under their prompt's
+  retrieval: from which noise level does the model lose the class? -> docs/results/offline-renoise.{md,json}
 """
 from __future__ import annotations
 
@@ -542,6 +544,78 @@ def conditional(args) -> None:
     print("\n".join(md))
 
 
+RENOISE_CLASSES = ("dog", "rain", "church_bells", "siren", "frog")
+RENOISE_STARTS = (0, 200, 400, 600, 800, 1000)
+
+
+def renoise(args) -> None:
+    """From which noise level does the LDM lose a class? Each real clip of a class is encoded by the model's
+    VAE, noised to timestep t0 (``scheduler.add_noise``; t0 = 0: the VAE round trip alone, t0 = 1000: pure
+    noise, i.e. plain generation) and denoised from there with 50 DDIM steps at the preset's guidance,
+    conditioned on what the class prompt retrieves; then decoded, vocoded and classified. Low t0 only asks the
+    model for fine detail, high t0 for the whole clip."""
+    import csv
+
+    import torch
+
+    from reaudio_core.audio import load_audio
+    from reaudio_core.mel import waveform_to_mel
+    from reaudio_core.pipeline import ReAudioPipeline, make_scheduler
+    pipe = ReAudioPipeline.from_preset("offline") if not args.model else ReAudioPipeline.from_pretrained(args.model)
+    gen = pipe.cfg["generation"]
+    guidance = gen["guidance"] if args.guidance is None else args.guidance
+    rows = list(csv.DictReader(open(DATA / "metadata.csv", encoding="utf-8")))
+    frames = int(round(gen["duration"] * 100))
+    out = {"model": "offline preset (plugins/weights/offline)" if not args.model else str(args.model),
+           "classifier": _classifier_name(), "sampler": "ddim", "steps": 50, "guidance": guidance, "k": gen["k"],
+           "noise_seed": 0, "starts": list(RENOISE_STARTS), "classes": {}}
+    t0 = time.time()
+    for cls in RENOISE_CLASSES:
+        files = [r["file"] for r in rows if r["category"] == cls]
+        mels = torch.stack([waveform_to_mel(torch.as_tensor(load_audio(DATA / f)), frames)[0] for f in files])
+        z0 = pipe.decoder.encode(mels)
+        cond, uncond, _ = pipe.condition([cls.replace("_", " ")], int(gen["k"]))
+        n = len(files)
+        both = uncond.cat(cond)
+        both = type(both)(*(None if v is None else v.repeat_interleave(n, 0) for v in
+                            (both.prompt, both.captions, both.caption_mask, both.audio, both.audio_mask)))
+        per = {}
+        for start in RENOISE_STARTS:
+            sch = make_scheduler(pipe.cfg, "ddim")
+            sch.set_timesteps(50)
+            steps = [t for t in sch.timesteps if t <= start] if start else []
+            noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+            x = z0 if not start else noise if start >= 1000 else \
+                sch.add_noise(z0, noise, torch.full((n,), int(steps[0])))
+            with torch.inference_mode():
+                for t in steps:
+                    eps_u, eps_c = pipe.denoiser(torch.cat([x, x]), t.expand(2 * n).long(), both).chunk(2)
+                    x = sch.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
+                waves = pipe.vocoder(pipe.decoder.decode(x))
+            labels, probs = _classify(list(waves))
+            per[start] = [labels[i] for i in probs.argmax(-1)]
+            print(f"{cls} t0={start}: {sum(p == cls for p in per[start])}/{n} ({time.time() - t0:.0f} s)", flush=True)
+        out["classes"][cls] = {"files": files, "predictions": {str(k): v for k, v in per.items()}}
+    stem = "offline-renoise" + (f"-{Path(args.model).resolve().parent.name}" if args.model else "") + _classifier_stem()
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2))
+    md = [f"Model: {out['model']}; classifier: {out['classifier']}; 16 kHz, {gen['duration']} s. Each real clip of the "
+          f"class encoded by the model's VAE, noised to t0 (noise seed 0) and denoised with 50 DDIM steps at guidance "
+          f"{guidance}, conditioned on what the class prompt retrieves (k = {gen['k']}); t0 = 0 is the VAE round "
+          "trip alone, t0 = 1000 starts from pure noise (plain generation from these noises). Cells: clips heard as "
+          "the class / clips (the other predictions). Command: `python scripts/offline_preset.py renoise`.", "",
+          "| class | " + " | ".join(f"t0 = {s}" for s in RENOISE_STARTS) + " |",
+          "|---|" + "---|" * len(RENOISE_STARTS)]
+    for cls, v in out["classes"].items():
+        cells = []
+        for s_ in RENOISE_STARTS:
+            preds = v["predictions"][str(s_)]
+            others = sorted({p for p in preds if p != cls})
+            cells.append(f"{sum(p == cls for p in preds)}/{len(preds)}" + (f" ({', '.join(others)})" if others else ""))
+        md.append(f"| {cls} | " + " | ".join(cells) + " |")
+    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def _generate_from_trained_sets(db, table, files, heard, seeds, out) -> list[str]:
     """Each demo prompt generated (preset settings, ``seeds``) from each distinct stored neighbour set of its
     class's clips instead of its own retrieval; the results go into ``out["trained_sets"]``, markdown back."""
@@ -607,15 +681,15 @@ def vae_l1(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["all", "train", "package", "check", "ceiling", "conditional", "vae-l1", "diagnose",
-                                         "heldout"])
+                                         "heldout", "renoise"])
     p.add_argument("--procs", type=int, default=2, help="torchrun processes for the LDM stage (default 2)")
     p.add_argument("--seeds", type=int, default=None,
                    help="seeds per prompt: check (default 1; other than 1 appends -seeds<N> to its result files), "
                         "heldout and conditional (default 4)")
-    p.add_argument("--model", help="check / ceiling / diagnose a saved pipeline directory instead of the shipped preset "
+    p.add_argument("--model", help="check / ceiling / diagnose / renoise a saved pipeline directory instead of the shipped preset "
                    "(check writes docs/results/offline-check-<run name>.*)")
     p.add_argument("--guidance", type=float,
-                   help="check / heldout: this classifier-free guidance scale instead of the preset's (check "
+                   help="check / heldout / renoise: this classifier-free guidance scale instead of the preset's (check "
                         "writes docs/results/offline-check[-<run name>]-guidance<G>.*, without spectrograms)")
     p.add_argument("--guidance-rescale", type=float,
                    help="check: this generation.guidance_rescale (0..1) instead of the preset's (writes "

@@ -12,7 +12,7 @@ import torch
 
 from reaudio_core import Conditioning, ReaudioError
 from reaudio_plugins.unet_ldm import (UNetLDM, build_unet, convert_audioldm_unet_state_dict, diffusers_unet_config,
-                                      ema_key)
+                                      ema_key, frequency_maps)
 
 CH, MULT, R, PROMPT, TEXT, AUDIO = 32, (1, 2, 3, 5), 1, 16, 24, 20
 CHANS = [CH * m for m in MULT]
@@ -392,6 +392,43 @@ def test_retrieval_unet_from_audioldm_is_exactly_audioldm(tmp_path_factory, refe
         for a in new:
             a.proj_out.weight.normal_(0, 0.1)
         assert not torch.allclose(den(x, t, cond), got)
+
+
+# -- frequency maps ----------------------------------------------------------------------------------------
+def test_frequency_maps_tell_rows_apart_and_are_constant_in_time():
+    maps = frequency_maps(4, 3, 16)
+    assert maps.shape == (4, 3, 16) and torch.equal(maps[:, 0], maps[:, 2])
+    rows = maps[:, 0].T  # [F, 4]: one code per frequency row
+    assert torch.cdist(rows, rows).add(torch.eye(16) * 9).min() > 0.1  # every row's code is distinct
+    assert torch.allclose(maps[0, 0], -maps[0, 0].flip(0), atol=1e-6)  # cos(pi (f + .5) / F): odd about the middle
+
+
+def test_weights_without_frequency_maps_load_exactly_and_the_maps_then_matter(tmp_path):
+    plain = tiny_unet(TEXT, AUDIO)
+    plain.save_pretrained(tmp_path / "plain")
+    den = UNetLDM.from_pretrained(tmp_path / "plain", freq_channels=3)
+    assert den.freq_channels == 3 and den.model.conv_in.weight.shape[1] == 8 + 3
+    assert not den.model.conv_in.weight[:, 8:].any()
+    x, t, cond = inputs()
+    with torch.no_grad():
+        want = plain(x, t, cond)
+        assert torch.equal(den(x, t, cond), want)  # zero weights for the maps: the same function
+        den.model.conv_in.weight[:, 8:].normal_(0, 0.5)
+        moved = den(x, t, cond)
+    assert not torch.allclose(moved, want)
+    # the maps depend on the row only: a model that reads them is no longer equivariant to shifting rows
+    with torch.no_grad():
+        shifted_in = den(x.roll(8, dims=3), t, cond).roll(-8, dims=3)
+        plain_shift = plain(x.roll(8, dims=3), t, cond).roll(-8, dims=3)
+    assert (shifted_in - moved)[..., 2:6].abs().max() > (plain_shift - want)[..., 2:6].abs().max()
+    den.save_pretrained(tmp_path / "freq")
+    assert json.loads((tmp_path / "freq" / "config.json").read_text())["freq_channels"] == 3
+    back = UNetLDM.from_pretrained(tmp_path / "freq")
+    assert back.freq_channels == 3
+    with torch.no_grad():
+        assert torch.equal(back(x, t, cond), moved)
+    with pytest.raises(ReaudioError, match="freq_channels must be an integer >= 0"):
+        tiny_unet(freq_channels=-1)
 
 
 # -- errors --------------------------------------------------------------------------------------------------
