@@ -393,7 +393,7 @@ class UNetLDM(Denoiser):
     """
 
     def __init__(self, *, size, block_out_channels, layers_per_block, head_width, prompt_dim, text_dim, audio_dim,
-                 in_channels, checkpoint, device, freq_channels=0):
+                 in_channels, freq_channels, checkpoint, device):
         if size not in SIZES:
             raise ReaudioError(f"unet-ldm: unknown size {size!r}; known: {', '.join(SIZES)}")
         base, size_layers, size_width = SIZES[size]
@@ -600,7 +600,8 @@ class UNetLDM(Denoiser):
         directory = Path(directory)
         cfg_file = directory / CONFIG_FILE
         if directory.is_dir() and cfg_file.exists() and "_class_name" not in (cfg := read_json(cfg_file)):
-            params = {**cfg, **overrides}
+            from reaudio_core.registry import get_registry  # keys a directory saved before they existed: registry's
+            params = {**get_registry().resolve_params("denoiser", "unet-ldm", {}), **cfg, **overrides}
         else:  # a foreign source (diffusers folder, AudioLDM .ckpt) is loaded as what it is
             from reaudio_core.registry import get_registry
             params = {**get_registry().resolve_params("denoiser", "unet-ldm", {}), "text_dim": None, "audio_dim": None}

@@ -22,7 +22,8 @@ STREAMS = [(None, None), (TEXT, None), (None, AUDIO), (TEXT, AUDIO)]
 
 def tiny_unet(text_dim=None, audio_dim=None, **kw) -> UNetLDM:
     params = dict(size="tiny", block_out_channels=None, layers_per_block=None, head_width=None, prompt_dim=PROMPT,
-                  text_dim=text_dim, audio_dim=audio_dim, in_channels=8, checkpoint=None, device="cpu")
+                  text_dim=text_dim, audio_dim=audio_dim, in_channels=8, freq_channels=0, checkpoint=None,
+                  device="cpu")
     return UNetLDM(**{**params, **kw})
 
 
@@ -421,6 +422,10 @@ def test_weights_without_frequency_maps_load_exactly_and_the_maps_then_matter(tm
         shifted_in = den(x.roll(8, dims=3), t, cond).roll(-8, dims=3)
         plain_shift = plain(x.roll(8, dims=3), t, cond).roll(-8, dims=3)
     assert (shifted_in - moved)[..., 2:6].abs().max() > (plain_shift - want)[..., 2:6].abs().max()
+    cfg = json.loads((tmp_path / "plain" / "config.json").read_text())
+    del cfg["freq_channels"]  # a directory saved before the option existed (the shipped denoiser's)
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(cfg))
+    assert UNetLDM.from_pretrained(tmp_path / "plain").freq_channels == 0
     den.save_pretrained(tmp_path / "freq")
     assert json.loads((tmp_path / "freq" / "config.json").read_text())["freq_channels"] == 3
     back = UNetLDM.from_pretrained(tmp_path / "freq")
