@@ -102,8 +102,8 @@ def diffusers_unet_config(*, block_out_channels, layers_per_block, head_width, p
     chans = [int(c) for c in block_out_channels]
     levels = len(chans)
     common = dict(
-        sample_size=None, in_channels=int(in_channels) + int(freq_channels), out_channels=int(in_channels), flip_sin_to_cos=True,
-        freq_shift=0, down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (levels - 1),
+        sample_size=None, in_channels=int(in_channels) + int(freq_channels), out_channels=int(in_channels),
+        flip_sin_to_cos=True, freq_shift=0, down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (levels - 1),
         up_block_types=["CrossAttnUpBlock2D"] * (levels - 1) + ["UpBlock2D"], block_out_channels=chans,
         layers_per_block=int(layers_per_block), norm_num_groups=NORM_GROUPS, norm_eps=1e-5,
         attention_head_dim=attention_heads(chans, head_width), use_linear_projection=False,

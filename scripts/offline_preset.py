@@ -546,12 +546,14 @@ def conditional(args) -> None:
 
 RENOISE_CLASSES = ("dog", "rain", "church_bells", "siren", "frog")
 RENOISE_STARTS = (0, 200, 400, 600, 800, 1000)
+RENOISE_STEPS = 50  # DDIM steps over the whole schedule; a start t0 runs the ones at or below it
 
 
 def renoise(args) -> None:
     """From which noise level does the LDM lose a class? Each real clip of a class is encoded by the model's
     VAE, noised to timestep t0 (``scheduler.add_noise``; t0 = 0: the VAE round trip alone, t0 = 1000: pure
-    noise, i.e. plain generation) and denoised from there with 50 DDIM steps at the preset's guidance,
+    noise, i.e. plain generation) and denoised from there with the DDIM steps (of ``RENOISE_STEPS``) at or
+    below t0 at the preset's guidance,
     conditioned on what the class prompt retrieves; then decoded, vocoded and classified. Low t0 only asks the
     model for fine detail, high t0 for the whole clip."""
     import csv
@@ -567,8 +569,8 @@ def renoise(args) -> None:
     rows = list(csv.DictReader(open(DATA / "metadata.csv", encoding="utf-8")))
     frames = int(round(gen["duration"] * 100))
     out = {"model": "offline preset (plugins/weights/offline)" if not args.model else str(args.model),
-           "classifier": _classifier_name(), "sampler": "ddim", "steps": 50, "guidance": guidance, "k": gen["k"],
-           "noise_seed": 0, "starts": list(RENOISE_STARTS), "classes": {}}
+           "classifier": _classifier_name(), "sampler": "ddim", "steps": RENOISE_STEPS, "guidance": guidance,
+           "k": gen["k"], "noise_seed": 0, "starts": list(RENOISE_STARTS), "classes": {}}
     t0 = time.time()
     for cls in RENOISE_CLASSES:
         files = [r["file"] for r in rows if r["category"] == cls]
@@ -582,7 +584,7 @@ def renoise(args) -> None:
         per = {}
         for start in RENOISE_STARTS:
             sch = make_scheduler(pipe.cfg, "ddim")
-            sch.set_timesteps(50)
+            sch.set_timesteps(RENOISE_STEPS)
             steps = [t for t in sch.timesteps if t <= start] if start else []
             noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
             x = z0 if not start else noise if start >= 1000 else \
@@ -599,7 +601,8 @@ def renoise(args) -> None:
     stem = "offline-renoise" + (f"-{Path(args.model).resolve().parent.name}" if args.model else "") + _classifier_stem()
     (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2))
     md = [f"Model: {out['model']}; classifier: {out['classifier']}; 16 kHz, {gen['duration']} s. Each real clip of the "
-          f"class encoded by the model's VAE, noised to t0 (noise seed 0) and denoised with 50 DDIM steps at guidance "
+          f"class encoded by the model's VAE, noised to t0 (noise seed 0) and denoised with the DDIM steps at or below "
+          f"t0 of {RENOISE_STEPS} at guidance "
           f"{guidance}, conditioned on what the class prompt retrieves (k = {gen['k']}); t0 = 0 is the VAE round "
           "trip alone, t0 = 1000 starts from pure noise (plain generation from these noises). Cells: clips heard as "
           "the class / clips (the other predictions). Command: `python scripts/offline_preset.py renoise`.", "",

@@ -17,6 +17,20 @@ from reaudio_core.pipeline import ReAudioPipeline, resolve_path
 SHIPPED = resolve_path("pkg:reaudio_plugins/weights/offline")
 
 
+@pytest.fixture
+def script():
+    """scripts/offline_preset.py as a module (fresh per test, so monkeypatching stays local); skips without
+    the ESC-50 clips beside the checkout."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("offline_preset", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "offline_preset.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not (module.DATA / "metadata.csv").exists():
+        pytest.skip("../shared/data/esc50-fold4 is not beside the checkout")
+    return module
+
+
 @pytest.fixture(scope="module")
 def pipe():
     torch.set_num_threads(2)
@@ -82,20 +96,14 @@ def test_cli_default_is_the_shipped_preset(tmp_path):
     assert "pkg:reaudio_plugins/weights/offline" in saved
 
 
-def test_conditional_names_what_the_ldm_learned_under_each_retrieved_set(tmp_path, monkeypatch):
+def test_conditional_names_what_the_ldm_learned_under_each_retrieved_set(tmp_path, monkeypatch, script):
     """scripts/offline_preset.py conditional: for each class prompt, the training clips whose stored
     neighbours are exactly the retrieved set are never in that set, and their after-VAE predictions come
     from the ceiling file it was given (here a doctored one: every clip heard as 'dog')."""
-    import importlib.util
     import json
     import shutil
     from types import SimpleNamespace
     repo = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("offline_preset", repo / "scripts" / "offline_preset.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    if not (script.DATA / "metadata.csv").exists():
-        pytest.skip("../shared/data/esc50-fold4 is not beside the checkout")
     ceiling = json.loads((repo / "docs" / "results" / "offline-ceiling.json").read_text())
     ceiling["rows"]["vae"]["predictions"] = ["dog"] * len(ceiling["rows"]["vae"]["predictions"])
     (tmp_path / "offline-ceiling.json").write_text(json.dumps(ceiling))
@@ -109,6 +117,34 @@ def test_conditional_names_what_the_ldm_learned_under_each_retrieved_set(tmp_pat
         assert not set(v["trained_targets"]) & set(v["retrieved"]), cls
         assert v["vae_share"] == (1.0 if cls == "dog" else 0.0), cls
     assert "church_bells" in (tmp_path / "offline-conditional.md").read_text()
+
+
+def test_renoise_at_t0_zero_is_the_vae_round_trip(tmp_path, monkeypatch, pipe, script):
+    """scripts/offline_preset.py renoise: t0 = 0 runs no denoising step, so its predictions are the classifier's
+    on the VAE round trip of the real clips (computed here independently); every start yields one prediction
+    per clip and a row per class in the table."""
+    import csv
+    import json
+    from types import SimpleNamespace
+
+    from reaudio_core.audio import load_audio
+    from reaudio_core.mel import waveform_to_mel
+    monkeypatch.setattr(script, "RESULTS", tmp_path)
+    monkeypatch.setattr(script, "RENOISE_CLASSES", ("rain",))
+    monkeypatch.setattr(script, "RENOISE_STARTS", (0, 1000))
+    monkeypatch.setattr(script, "RENOISE_STEPS", 3)
+    script.renoise(SimpleNamespace(model=None, guidance=None))
+    out = json.loads((tmp_path / "offline-renoise.json").read_text())
+    preds = out["classes"]["rain"]["predictions"]
+    files = [r["file"] for r in csv.DictReader(open(script.DATA / "metadata.csv")) if r["category"] == "rain"]
+    assert out["classes"]["rain"]["files"] == files and set(preds) == {"0", "1000"}
+    assert all(len(p) == len(files) for p in preds.values())
+    mels = torch.stack([waveform_to_mel(torch.as_tensor(load_audio(script.DATA / f)), 512)[0] for f in files])
+    with torch.inference_mode():
+        waves = pipe.vocoder(pipe.decoder.decode(pipe.decoder.encode(mels)))
+    labels, probs = script._classify(list(waves))
+    assert preds["0"] == [labels[i] for i in probs.argmax(-1)]
+    assert "| rain |" in (tmp_path / "offline-renoise.md").read_text()
 
 
 def test_shipped_model_card_is_the_docs_copy():
