@@ -396,11 +396,9 @@ class ReAudioPipeline:
         # 1. text -> retrieve -> encode
         cond, uncond, neighbours = self.condition(cleaned, k)
         # 2. sample candidates: candidate c of prompt p uses seed + c (reproducible per candidate)
-        rep = lambda c: Conditioning(*(None if v is None else v.repeat_interleave(candidates, 0)  # noqa: E731
-                                       for v in (c.prompt, c.captions, c.caption_mask, c.audio, c.audio_mask)))
         generators = [torch.Generator().manual_seed(seed + c) for _ in cleaned for c in range(candidates)]
-        latents = self.sample(rep(cond), rep(uncond), shape, generators, steps, guidance, sampler,
-                              gen["eta"], progress, guidance_rescale=rescale)
+        latents = self.sample(cond.repeat_interleave(candidates), uncond.repeat_interleave(candidates), shape,
+                              generators, steps, guidance, sampler, gen["eta"], progress, guidance_rescale=rescale)
         # 3. decode -> vocode
         mels = self.decoder.decode(latents)
         waves = self.vocoder(mels)

@@ -560,27 +560,24 @@ def renoise(args) -> None:
 
     import torch
 
+    from reaudio_core import mel as M
     from reaudio_core.audio import load_audio
-    from reaudio_core.mel import waveform_to_mel
     from reaudio_core.pipeline import ReAudioPipeline, make_scheduler
     pipe = ReAudioPipeline.from_preset("offline") if not args.model else ReAudioPipeline.from_pretrained(args.model)
     gen = pipe.cfg["generation"]
     guidance = gen["guidance"] if args.guidance is None else args.guidance
     rows = list(csv.DictReader(open(DATA / "metadata.csv", encoding="utf-8")))
-    frames = int(round(gen["duration"] * 100))
+    frames = M.seconds_to_frames(gen["duration"])
     out = {"model": "offline preset (plugins/weights/offline)" if not args.model else str(args.model),
            "classifier": _classifier_name(), "sampler": "ddim", "steps": RENOISE_STEPS, "guidance": guidance,
            "k": gen["k"], "noise_seed": 0, "starts": list(RENOISE_STARTS), "classes": {}}
     t0 = time.time()
     for cls in RENOISE_CLASSES:
         files = [r["file"] for r in rows if r["category"] == cls]
-        mels = torch.stack([waveform_to_mel(torch.as_tensor(load_audio(DATA / f)), frames)[0] for f in files])
-        z0 = pipe.decoder.encode(mels)
+        z0 = pipe.decoder.encode(torch.cat([M.waveform_to_mel(load_audio(DATA / f), frames) for f in files]))
         cond, uncond, _ = pipe.condition([cls.replace("_", " ")], int(gen["k"]))
         n = len(files)
-        both = uncond.cat(cond)
-        both = type(both)(*(None if v is None else v.repeat_interleave(n, 0) for v in
-                            (both.prompt, both.captions, both.caption_mask, both.audio, both.audio_mask)))
+        both = uncond.cat(cond).repeat_interleave(n)
         per = {}
         for start in RENOISE_STARTS:
             sch = make_scheduler(pipe.cfg, "ddim")
