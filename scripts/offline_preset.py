@@ -553,9 +553,8 @@ def renoise(args) -> None:
     """From which noise level does the LDM lose a class? Each real clip of a class is encoded by the model's
     VAE, noised to timestep t0 (``scheduler.add_noise``; t0 = 0: the VAE round trip alone, t0 = 1000: pure
     noise, i.e. plain generation) and denoised from there with the DDIM steps (of ``RENOISE_STEPS``) at or
-    below t0 at the preset's guidance,
-    conditioned on what the class prompt retrieves; then decoded, vocoded and classified. Low t0 only asks the
-    model for fine detail, high t0 for the whole clip."""
+    below t0 at the preset's guidance, conditioned on what the class prompt retrieves; then decoded, vocoded
+    and classified. Low t0 only asks the model for fine detail, high t0 for the whole clip."""
     import csv
 
     import torch
