@@ -144,6 +144,11 @@ class Conditioning:
         return Conditioning(*(c(getattr(self, f), getattr(other, f)) for f in
                               ("prompt", "captions", "caption_mask", "audio", "audio_mask")))
 
+    def rows(self, index: torch.Tensor) -> "Conditioning":
+        """The batch rows ``index`` selects (a ``[B]`` bool mask or int64 row numbers)."""
+        return Conditioning(*(None if v is None else v[index] for v in
+                              (self.prompt, self.captions, self.caption_mask, self.audio, self.audio_mask)))
+
     def repeat_interleave(self, n: int) -> "Conditioning":
         """Each batch row ``n`` times in place (rows ``[a, b]`` -> ``[a, a, b, b]`` for ``n = 2``)."""
         return Conditioning(*(None if v is None else v.repeat_interleave(n, 0) for v in

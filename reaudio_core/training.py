@@ -397,7 +397,9 @@ def torch_module(component, what: str) -> nn.Module:
         m = getattr(component, attr, None)
         if isinstance(m, nn.Module):
             return m
-    raise ReaudioError(f"{what} {type(component).__name__} exposes no torch module to train")
+    raise ReaudioError(f"{what} {type(component).__name__} exposes no torch module to train (a composite such as "
+                       "the denoiser `experts` trains one part at a time: name that part's component, e.g. "
+                       "unet-ldm, in the config; docs/training.md)")
 
 
 def lr_factor(warmup: int, max_steps: int, decay: str):
@@ -554,6 +556,19 @@ class MelDiscriminator(nn.Module):
         return self.net(logmel)
 
 
+def timestep_range(value, num_train_timesteps: int) -> tuple[int, int] | None:
+    """``training.timesteps``: null (all of ``[0, num_train_timesteps)``) or ``[lo, hi]`` with
+    ``0 <= lo < hi <= num_train_timesteps``, the half-open range the LDM stage draws timesteps from."""
+    if value is None:
+        return None
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok or not 0 <= value[0] < value[1] <= num_train_timesteps:
+        raise ReaudioError(f"training.timesteps must be null or [lo, hi] with 0 <= lo < hi <= "
+                           f"{num_train_timesteps}, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
 class LdmObjective(nn.Module):
     """Epsilon MSE on ``DDPMScheduler.add_noise`` with classifier-free guidance dropout (or, with
     ``diffusion.prediction_type: v_prediction``, the MSE to ``v = sqrt(a) eps - sqrt(1-a) x0``).
@@ -564,7 +579,8 @@ class LdmObjective(nn.Module):
     :meth:`ReAudioPipeline.condition`.
     """
 
-    def __init__(self, denoiser, scheduler, uncond: Conditioning, drop_all: float, drop_prompt: float):
+    def __init__(self, denoiser, scheduler, uncond: Conditioning, drop_all: float, drop_prompt: float,
+                 timesteps: tuple[int, int] | None = None):
         super().__init__()
         self.net = torch_module(denoiser, "denoiser")
         self.__dict__["denoiser"] = denoiser
@@ -572,6 +588,8 @@ class LdmObjective(nn.Module):
         self.uncond = uncond  # batch of one, expanded per batch
         self.drop_all, self.drop_prompt = drop_all, drop_prompt
         self.num_train_timesteps = scheduler.config.num_train_timesteps
+        # timesteps drawn uniformly from [lo, hi) (training.timesteps; a low-noise expert trains on [0, b))
+        self.t_lo, self.t_hi = timesteps if timesteps is not None else (0, self.num_train_timesteps)
 
     def dropout(self, cond: Conditioning, g: torch.Generator) -> tuple[Conditioning, dict]:
         B, dev = cond.prompt.shape[0], cond.prompt.device
@@ -599,7 +617,7 @@ class LdmObjective(nn.Module):
         g = torch.Generator(device=latents.device).manual_seed(seed)
         B = latents.shape[0]
         noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
-        t = torch.randint(0, self.num_train_timesteps, (B,), generator=g, device=latents.device)
+        t = torch.randint(self.t_lo, self.t_hi, (B,), generator=g, device=latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         cond, stats = self.dropout(batch["cond"], g)
         pred = self.denoiser(noisy, t, cond).float()
@@ -878,7 +896,8 @@ class LdmStage(Stage):
         from .pipeline import noise_schedule  # the samplers' schedule too
         self.scheduler = DDPMScheduler(**noise_schedule(cfg))
         self.objective = LdmObjective(self.denoiser, self.scheduler, self.uncond,
-                                      float(self.t["cfg_drop_all"]), float(self.t["cfg_drop_prompt"]))
+                                      float(self.t["cfg_drop_all"]), float(self.t["cfg_drop_prompt"]),
+                                      timestep_range(self.t.get("timesteps"), self.scheduler.config.num_train_timesteps))
         if self.t["cache_latents"]:
             self.cache_latents()
 

@@ -10,9 +10,11 @@ Stages (each can be run alone; each resumes or skips what is already done):
   decoder on the frozen encoder), ``reaudio index build`` of the 400 clips,
   ``reaudio train`` with configs/offline-ldm.yaml (epsilon prediction), configs/offline-ldm-v.yaml
   (its fine-tune to v-prediction), configs/offline-ldm-v-anneal.yaml (that fine-tune continued with the
-  learning rate decayed to 0) and configs/offline-ldm-v-pool7.yaml (continued again, each clip's neighbours
-  drawn from a pool of 7), all under torchrun with 2 CPU processes, into ``runs/``.
-* ``package`` - copies the final LDM export (runs/offline-ldm-v-pool7/final) into ``plugins/weights/offline/`` (the files the ``offline`` preset
+  learning rate decayed to 0), configs/offline-ldm-v-pool7.yaml (continued again, each clip's neighbours
+  drawn from a pool of 7) and configs/offline-ldm-v-low.yaml (a copy of that continued on timesteps below
+  400 only: the low-noise expert), all under torchrun with 2 CPU processes, into ``runs/``.
+* ``package`` - combines the pool-7 LDM (above timestep 400) and its low-noise expert (below) into one
+  ``experts`` denoiser and copies it with the VAE into ``plugins/weights/offline/`` (the files the ``offline`` preset
   of registry.yaml loads), builds the preset's retrieval database there (MiniLM caption embeddings,
   FAISS) and caches the retrieved-audio tokens in it, so generation never needs the source audio.
 * ``check``   - generates one clip per ESC-50 class prompt with the shipped preset, retrieval on and off,
@@ -35,6 +37,8 @@ Stages (each can be run alone; each resumes or skips what is already done):
   the shipped model) -> docs/results/offline-heldout.{json,md}.
 * ``renoise`` - real clips of five classes noised to t0 = 0 ... 1000 and denoised back under their prompt's
   retrieval: from which noise level does the model lose the class? -> docs/results/offline-renoise.{md,json}
+* ``experts`` - a pipeline directory with a low-noise expert (``--low DIR``) beside a model's UNet, for
+  ``check`` / ``renoise --model`` -> runs/offline-experts-<run>-b<boundary>/final
 """
 from __future__ import annotations
 
@@ -60,7 +64,10 @@ DEMO_SEEDS = 4
 # the LDM stages, in order: each starts from the EMA weights the one before exported (named in its config)
 LDM_STAGES = [("configs/offline-ldm.yaml", "offline-ldm"), ("configs/offline-ldm-v.yaml", "offline-ldm-v"),
               ("configs/offline-ldm-v-anneal.yaml", "offline-ldm-v-anneal"),
-              ("configs/offline-ldm-v-pool7.yaml", "offline-ldm-v-pool7")]
+              ("configs/offline-ldm-v-pool7.yaml", "offline-ldm-v-pool7"),
+              ("configs/offline-ldm-v-low.yaml", "offline-ldm-v-low")]
+# the shipped denoiser is `experts`: stage 5 (pool7) above the preset's boundary, its low-noise expert below
+HIGH_RUN, LOW_RUN = "offline-ldm-v-pool7", "offline-ldm-v-low"
 
 
 def reaudio(*args: str, procs: int = 1) -> None:
@@ -89,6 +96,12 @@ def train(args) -> None:
         _train_stage(config, RUNS / name, procs=args.procs)
 
 
+def _preset_boundary() -> int:
+    """The offline preset's expert boundary (registry.yaml; configs/offline-ldm-v-low.yaml trains below it)."""
+    from reaudio_core.config import compose
+    return int(compose("offline")["denoiser"]["params"]["boundary"])
+
+
 def package(args) -> None:
     """plugins/weights/offline/: the LDM export's weights + the preset's own database."""
     import numpy as np
@@ -97,14 +110,20 @@ def package(args) -> None:
     from reaudio_core.config import compose, save_config
     from reaudio_core.database import build_database
     from reaudio_core.pipeline import ReAudioPipeline
-    src = RUNS / LDM_STAGES[-1][1] / "final"
-    if not (src / "config.yaml").exists():
-        raise SystemExit(f"{src} missing: run the train stage first")
+    from reaudio_core.registry import create
+    src, low = RUNS / HIGH_RUN / "final", RUNS / LOW_RUN / "final"
+    for run in (src, low):
+        if not (run / "config.yaml").exists():
+            raise SystemExit(f"{run} missing: run the train stage first")
     tmp = SHIPPED.with_name(".tmp-offline")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for slot in ("denoiser", "decoder", "audio_encoder"):
+    for slot in ("decoder", "audio_encoder"):
         shutil.copytree(src / slot, tmp / slot)
+    create("denoiser", "experts", boundary=_preset_boundary(),
+           high={"name": "unet-ldm", "params": {"checkpoint": str(src / "denoiser")}},
+           low={"name": "unet-ldm", "params": {"checkpoint": str(low / "denoiser")}}).save_pretrained(tmp / "denoiser")
+    for slot in ("denoiser", "decoder", "audio_encoder"):
         for f in (tmp / slot).rglob("*.safetensors"):  # half precision on disk (loaded back into fp32 modules)
             tensors = load_file(f)
             save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, f)
@@ -677,10 +696,39 @@ def vae_l1(args) -> None:
     print("\n".join(md))
 
 
+def experts(args) -> None:
+    """A pipeline directory whose denoiser is ``experts`` (plugins/experts.py): the base model's UNet (its
+    ``high`` expert if it already has two) for timesteps >= ``--boundary`` and the low-noise expert ``--low`` (a unet-ldm directory, e.g.
+    runs/offline-ldm-v-low/final/denoiser from configs/offline-ldm-v-low.yaml) below it; everything else (VAE,
+    audio encoder, database, settings) copied from the base (``--model DIR``, default the shipped preset).
+    Written to runs/offline-experts-<low run>-b<boundary>/final, for ``check`` / ``renoise --model``."""
+    from reaudio_core.config import load_config, save_config
+    from reaudio_core.registry import create
+    if not args.low:
+        raise SystemExit("experts needs --low DIR: a unet-ldm directory (OUT/final/denoiser of a run of "
+                         "configs/offline-ldm-v-low.yaml)")
+    base, low = Path(args.model or SHIPPED), Path(args.low)
+    boundary = args.boundary or _preset_boundary()
+    out = RUNS / f"offline-experts-{low.resolve().parents[1].name}-b{boundary}" / "final"
+    high = base / "denoiser" / "high" if (base / "denoiser" / "high").is_dir() else base / "denoiser"
+    den = create("denoiser", "experts", boundary=boundary,
+                 high={"name": "unet-ldm", "params": {"checkpoint": str(high)}},
+                 low={"name": "unet-ldm", "params": {"checkpoint": str(low)}})
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(base, out, ignore=lambda d, names: ["denoiser"] if Path(d) == base else [])
+    den.save_pretrained(out / "denoiser")
+    cfg = load_config(base)
+    cfg["denoiser"] = {"name": "experts", "params": den.params}
+    if not cfg["generation"].get("database") and (out / "db").is_dir():  # the shipped preset's own database
+        cfg["generation"]["database"] = str(out / "db")
+    save_config(cfg, out)
+    print(f"wrote {out} (boundary {boundary}: {high} above, {low} below)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["all", "train", "package", "check", "ceiling", "conditional", "vae-l1", "diagnose",
-                                         "heldout", "renoise"])
+                                         "heldout", "renoise", "experts"])
     p.add_argument("--procs", type=int, default=2, help="torchrun processes for the LDM stage (default 2)")
     p.add_argument("--seeds", type=int, default=None,
                    help="seeds per prompt: check (default 1; other than 1 appends -seeds<N> to its result files), "
@@ -710,6 +758,9 @@ def main() -> None:
                    help="v-stage LDM steps of the held-out-class model (default 3000, the shipped recipe)")
     p.add_argument("--heldout-anneal-steps", type=int, default=2000,
                    help="annealing-stage LDM steps of the held-out-class model (default 2000, the shipped recipe)")
+    p.add_argument("--low", metavar="DIR", help="experts: the low-noise expert (a unet-ldm directory)")
+    p.add_argument("--boundary", type=int,
+                   help="experts: timesteps below this go to the low-noise expert (default: the preset's, 400)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     global CLASSIFIER_DIR

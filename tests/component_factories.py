@@ -19,6 +19,11 @@ TINY_PARAMS: dict[tuple[str, str], dict] = {
     ("vocoder", "griffin-lim"): {"n_iter": 4},
     # denoiser: 32 x [1, 2, 3, 5] channels, 1 res block, 16-wide heads (x8 downsampling), both retrieval streams
     ("denoiser", "unet-ldm"): {"size": "tiny", "prompt_dim": 16, "text_dim": 24, "audio_dim": 20},
+    # experts: two such UNets (different random weights), split at timestep 400
+    ("denoiser", "experts"): {"high": {"name": "unet-ldm", "params": {"size": "tiny", "prompt_dim": 16, "text_dim": 24,
+                                                                      "audio_dim": 20}},
+                              "low": {"name": "unet-ldm", "params": {"size": "tiny", "prompt_dim": 16, "text_dim": 24,
+                                                                     "audio_dim": 20}}},
     # audio encoder: an untrained tiny VAE (the vae entry above), 4 tokens of 8 * 16 = 128 values
     ("audio_encoder", "vae-latent"): {"vae": {"block_out_channels": [8, 16, 16], "layers_per_block": 1,
                                               "latent_channels": 8, "norm_num_groups": 4}, "num_tokens": 4},

@@ -99,6 +99,18 @@ def test_offline_stages_chain():
     assert pool7["diffusion"]["prediction_type"] == "v_prediction" and pool7["training"]["neighbour_pool"] == 7
     for name in ("offline-ldm.yaml", "offline-ldm-v.yaml", "offline-ldm-v-anneal.yaml", "offline-ldm-v-pool7.yaml"):
         assert stages[name]["decoder"]["params"]["checkpoint"] == "runs/offline-vae-decoder/final/decoder"
+    # the preset's denoiser is two UNets (experts): each stage trains one of them, at the preset's sizes; the
+    # low-noise expert starts from stage 5 and trains on exactly the timesteps the preset sends it
+    preset = compose("offline")["denoiser"]["params"]
+    unet = preset["high"]["params"]
+    assert preset["low"] == preset["high"]
+    low = compose(files=[REPO / "configs" / "offline-ldm-v-low.yaml"])
+    for cfg in [*stages.values(), low][1:]:
+        assert cfg["denoiser"]["name"] == "unet-ldm"
+        assert {k: cfg["denoiser"]["params"][k] for k in unet} == unet
+    assert low["denoiser"]["params"]["checkpoint"] == "runs/offline-ldm-v-pool7/final/denoiser"
+    assert low["training"]["timesteps"] == [0, preset["boundary"]]
+    assert low["diffusion"]["prediction_type"] == "v_prediction" and low["training"]["neighbour_pool"] == 7
     # the second-VAE experiment: the stage-4 LDM fine-tuned onto that VAE, whose encoder also gives the
     # retrieved-audio tokens; the GPU recipe's LDM reads its own VAE in the same way
     for ldm, vae, start in (("offline-ldm-vae2.yaml", "runs/offline-vae2/final/decoder",

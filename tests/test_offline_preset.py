@@ -56,6 +56,39 @@ def test_decoder_and_audio_encoder_share_the_latent_space():
     assert all(torch.equal(enc[k], vae[k]) for k in enc)
 
 
+def test_shipped_denoiser_is_the_pool7_ldm_and_its_low_noise_expert(pipe):
+    """The preset's denoiser is `experts` at the preset's boundary: two UNets of one size with different
+    weights (stage 5 above, its low-noise expert below), loaded from denoiser/high and denoiser/low."""
+    from reaudio_core.config import compose
+    den = pipe.denoiser
+    assert type(den).__name__ == "ExpertDenoisers"
+    assert den.boundary == compose("offline")["denoiser"]["params"]["boundary"]
+    assert den.high.params == den.low.params
+    assert Path(den.high.loaded_from) == SHIPPED / "denoiser" / "high"
+    assert Path(den.low.loaded_from) == SHIPPED / "denoiser" / "low"
+    hi, lo = den.high.model.state_dict(), den.low.model.state_dict()
+    assert hi.keys() == lo.keys() and not all(torch.equal(hi[k], lo[k]) for k in hi)
+
+
+def test_experts_stage_pairs_a_model_with_a_low_noise_expert(tmp_path, monkeypatch, script):
+    """scripts/offline_preset.py experts: a loadable pipeline directory whose denoiser is the base model's
+    UNet above the boundary and the given expert below it, everything else the base's."""
+    import argparse
+    import shutil
+    monkeypatch.setattr(script, "RUNS", tmp_path)
+    low = tmp_path / "offline-ldm-v-low" / "final" / "denoiser"
+    shutil.copytree(SHIPPED / "denoiser" / "low", low)
+    script.experts(argparse.Namespace(model=None, low=str(low), boundary=250))
+    out = tmp_path / "offline-experts-offline-ldm-v-low-b250" / "final"
+    made = ReAudioPipeline.from_pretrained(out)
+    assert made.denoiser.boundary == 250 and made.cfg["denoiser"]["name"] == "experts"
+    from safetensors.torch import load_file
+    for part in ("high", "low"):  # the same weights (written back in fp32)
+        mine, shipped = (load_file(d / "denoiser" / part / "model.safetensors") for d in (out, SHIPPED))
+        assert mine.keys() == shipped.keys() and all(torch.equal(mine[k], shipped[k].float()) for k in mine)
+    assert len(made.database) == 400
+
+
 def test_generation_needs_no_source_audio(pipe, monkeypatch):
     import reaudio_core.audio as audio
     monkeypatch.setattr(audio, "load_audio", lambda *a, **k: pytest.fail("read source audio"))

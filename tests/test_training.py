@@ -555,3 +555,33 @@ def test_ldm_objective_target_follows_the_prediction_type(kind):
     cfg["diffusion"]["prediction_type"] = "sample"
     with pytest.raises(ReaudioError, match="prediction_type"):
         make_scheduler(cfg, "ddim")
+
+
+def test_training_timesteps_draws_only_from_the_range():
+    """training.timesteps [lo, hi]: every timestep the LDM objective trains on lies in [lo, hi) (a low-noise
+    expert, plugins/experts.py); bad ranges are refused with the key's name."""
+    from diffusers import DDPMScheduler
+    from reaudio_core.interfaces import Conditioning
+
+    seen = []
+
+    class Record(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, latents, t, cond):
+            seen.append(t.clone())
+            return latents * self.w
+
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    rng = T.timestep_range([0, 400], 1000)
+    obj = T.LdmObjective(Record(), sched, Conditioning(prompt=torch.zeros(1, 4)), 0.0, 0.0, rng)
+    for seed in range(20):
+        obj({"latents": torch.randn(16, 8, 4, 4), "cond": Conditioning(prompt=torch.ones(16, 4))}, seed=seed)
+    t = torch.cat(seen)
+    assert t.min() >= 0 and t.max() < 400 and t.max() > 300  # 320 draws spread over the range
+    assert T.timestep_range(None, 1000) is None
+    for bad in ([400, 400], [-1, 10], [0, 1001], [0.0, 10], "0,400", [1, 2, 3]):
+        with pytest.raises(ReaudioError, match="training.timesteps"):
+            T.timestep_range(bad, 1000)
