@@ -37,6 +37,8 @@ Stages (each can be run alone; each resumes or skips what is already done):
   the shipped model) -> docs/results/offline-heldout.{json,md}.
 * ``renoise`` - real clips of five classes noised to t0 = 0 ... 1000 and denoised back under their prompt's
   retrieval: from which noise level does the model lose the class? -> docs/results/offline-renoise.{md,json}
+* ``demo``    - the four demo prompts with 16 seeds each (``--seeds N``): how often each is heard as asked
+  -> docs/results/offline-demo[-<run>][-guidance<G>]-seeds<N>.{md,json}
 * ``experts`` - a pipeline directory with a low-noise expert (``--low DIR``) beside a model's UNet, for
   ``check`` / ``renoise --model`` -> runs/offline-experts-<run>-b<boundary>/final
 """
@@ -306,6 +308,44 @@ def check(args) -> None:
     md += ["", f"Demo prompts (retrieval on, seeds 0-{DEMO_SEEDS - 1}; classifier's top-1 per seed): " + "; ".join(
         f"\"{p}\" -> {', '.join(d['top1_per_seed'])} ({sum(h == d['asked'] for h in d['top1_per_seed'])}/{DEMO_SEEDS} "
         f"{d['asked']})" for p, d in results["demo"].items()) + "."]
+    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def demo(args) -> None:
+    """The issue's four demo prompts with more seeds than ``check``'s four (``--seeds``, default 16), at the
+    model's guidance or ``--guidance``: how often each is heard as asked, with the other classes heard."""
+    from collections import Counter
+
+    from reaudio_core.pipeline import ReAudioPipeline
+    pipe = ReAudioPipeline.from_preset("offline") if not args.model else ReAudioPipeline.from_pretrained(args.model)
+    if args.guidance is not None:
+        pipe.cfg["generation"]["guidance"] = args.guidance
+    seeds = list(range(_n_seeds(args, 16)))
+    t0 = time.time()
+    waves = _generate(pipe, DEMO_PROMPTS, seeds)  # seed-major
+    labels, probs = _classify(waves)
+    heard = [labels[i] for i in probs.argmax(-1).tolist()]
+    gen = pipe.cfg["generation"]
+    out = {"model": "offline preset (plugins/weights/offline)" if not args.model else str(args.model),
+           "classifier": _classifier_name(), "seeds": seeds, "guidance": gen["guidance"], "steps": gen["steps"],
+           "sampler": gen["sampler"], "k": gen["k"], "seconds": round(time.time() - t0, 1),
+           "prompts": {p: {"asked": c, "top1_per_seed": heard[i::len(DEMO_PROMPTS)]}
+                       for i, (p, c) in enumerate(zip(DEMO_PROMPTS, DEMO_CLASSES))}}
+    stem = "offline-demo" + (f"-{Path(args.model).resolve().parent.name}" if args.model else "")
+    if args.guidance is not None:
+        stem += f"-guidance{args.guidance:g}"
+    stem += f"-seeds{len(seeds)}" + _classifier_stem()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2))
+    md = [f"Model: {out['model']}; classifier: {out['classifier']}; 16 kHz, {gen['duration']} s, {gen['steps']} "
+          f"{gen['sampler']} steps, guidance {gen['guidance']}, k {gen['k']}; seeds 0-{len(seeds) - 1}. Command: "
+          "`python scripts/offline_preset.py demo` (options in the file name).", "",
+          "| prompt | heard as asked | heard otherwise |", "|---|---|---|"]
+    for p, d in out["prompts"].items():
+        hits = sum(h == d["asked"] for h in d["top1_per_seed"])
+        others = Counter(h for h in d["top1_per_seed"] if h != d["asked"])
+        md.append(f"| {p} | {hits}/{len(seeds)} | {', '.join(f'{k} x{v}' for k, v in others.most_common()) or '-'} |")
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
@@ -728,15 +768,15 @@ def experts(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["all", "train", "package", "check", "ceiling", "conditional", "vae-l1", "diagnose",
-                                         "heldout", "renoise", "experts"])
+                                         "heldout", "renoise", "experts", "demo"])
     p.add_argument("--procs", type=int, default=2, help="torchrun processes for the LDM stage (default 2)")
     p.add_argument("--seeds", type=int, default=None,
                    help="seeds per prompt: check (default 1; other than 1 appends -seeds<N> to its result files), "
-                        "heldout and conditional (default 4)")
-    p.add_argument("--model", help="check / ceiling / diagnose / renoise a saved pipeline directory instead of the shipped preset "
+                        "heldout and conditional (default 4), demo (default 16)")
+    p.add_argument("--model", help="check / ceiling / diagnose / renoise / demo a saved pipeline directory instead of the shipped preset "
                    "(check writes docs/results/offline-check-<run name>.*)")
     p.add_argument("--guidance", type=float,
-                   help="check / heldout / renoise: this classifier-free guidance scale instead of the preset's (check "
+                   help="check / heldout / renoise / demo: this classifier-free guidance scale instead of the preset's (check "
                         "writes docs/results/offline-check[-<run name>]-guidance<G>.*, without spectrograms)")
     p.add_argument("--guidance-rescale", type=float,
                    help="check: this generation.guidance_rescale (0..1) instead of the preset's (writes "

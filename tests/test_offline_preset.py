@@ -185,3 +185,30 @@ def test_shipped_model_card_is_the_docs_copy():
     must reach the other, or the installed card and the docs disagree."""
     repo = Path(__file__).resolve().parents[1]
     assert (repo / "plugins/weights/offline/README.md").read_text() == (repo / "docs/offline-preset-card.md").read_text()
+
+
+def test_demo_counts_what_the_classifier_hears_per_prompt_and_seed(tmp_path, monkeypatch, script):
+    """scripts/offline_preset.py demo: clips come seed-major (all four prompts for seed 0, then seed 1), and
+    each prompt's row counts its own clips. Fed real clips (dog, rain, frog, siren: frog where church bells
+    is asked) instead of generations, the rows must follow the classifier's verdict on those clips."""
+    import argparse
+    import csv
+    import json
+
+    from reaudio_core.audio import load_audio
+    rows = list(csv.DictReader(open(script.DATA / "metadata.csv", encoding="utf-8")))
+    files = {c: [r["file"] for r in rows if r["category"] == c][:2] for c in ("dog", "rain", "frog", "siren")}
+    clips = [torch.from_numpy(load_audio(script.DATA / files[c][s])) for s in range(2)
+             for c in ("dog", "rain", "frog", "siren")]
+    monkeypatch.setattr(script, "RESULTS", tmp_path)
+    monkeypatch.setattr(script, "_generate", lambda pipe, prompts, seeds: torch.stack(clips))
+    script.demo(argparse.Namespace(model=None, guidance=None, seeds=2))
+    out = json.loads((tmp_path / "offline-demo-seeds2.json").read_text())
+    labels, probs = script._classify(clips)
+    heard = [labels[i] for i in probs.argmax(-1).tolist()]
+    assert out["seeds"] == [0, 1]
+    for i, prompt in enumerate(script.DEMO_PROMPTS):
+        assert out["prompts"][prompt]["top1_per_seed"] == [heard[i], heard[4 + i]]
+    md = (tmp_path / "offline-demo-seeds2.md").read_text()
+    bells = sum(h == "church_bells" for h in out["prompts"]["church bells"]["top1_per_seed"])
+    assert f"| church bells | {bells}/2 |" in md and bells < 2  # frog clips are not heard as church bells
