@@ -20,7 +20,7 @@ Conventions shared by all contracts
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar, Sequence
 
@@ -137,22 +137,25 @@ class Conditioning:
     audio: torch.Tensor | None = None
     audio_mask: torch.Tensor | None = None
 
+    def _map(self, fn, other: "Conditioning | None" = None) -> "Conditioning":
+        """``fn`` applied to every field that is not ``None`` (with ``other``'s same field as a second argument)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = None if v is None else fn(v) if other is None else fn(v, getattr(other, f.name))
+        return Conditioning(**out)
+
     def cat(self, other: "Conditioning") -> "Conditioning":
         """Batch-concatenate two conditionings (for batched classifier-free guidance)."""
-        def c(a, b):
-            return None if a is None else torch.cat([a, b], 0)
-        return Conditioning(*(c(getattr(self, f), getattr(other, f)) for f in
-                              ("prompt", "captions", "caption_mask", "audio", "audio_mask")))
+        return self._map(lambda a, b: torch.cat([a, b], 0), other)
 
     def rows(self, index: torch.Tensor) -> "Conditioning":
         """The batch rows ``index`` selects (a ``[B]`` bool mask or int64 row numbers)."""
-        return Conditioning(*(None if v is None else v[index] for v in
-                              (self.prompt, self.captions, self.caption_mask, self.audio, self.audio_mask)))
+        return self._map(lambda v: v[index])
 
     def repeat_interleave(self, n: int) -> "Conditioning":
         """Each batch row ``n`` times in place (rows ``[a, b]`` -> ``[a, a, b, b]`` for ``n = 2``)."""
-        return Conditioning(*(None if v is None else v.repeat_interleave(n, 0) for v in
-                              (self.prompt, self.captions, self.caption_mask, self.audio, self.audio_mask)))
+        return self._map(lambda v: v.repeat_interleave(n, 0))
 
 
 class Denoiser(ABC):

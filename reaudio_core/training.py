@@ -397,9 +397,8 @@ def torch_module(component, what: str) -> nn.Module:
         m = getattr(component, attr, None)
         if isinstance(m, nn.Module):
             return m
-    raise ReaudioError(f"{what} {type(component).__name__} exposes no torch module to train (a composite such as "
-                       "the denoiser `experts` trains one part at a time: name that part's component, e.g. "
-                       "unet-ldm, in the config; docs/training.md)")
+    raise ReaudioError(f"{what} {type(component).__name__} exposes no torch module to train (a component made of "
+                       "others trains one part at a time: name that part's component in the config; docs/training.md)")
 
 
 def lr_factor(warmup: int, max_steps: int, decay: str):

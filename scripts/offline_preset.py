@@ -104,6 +104,14 @@ def _preset_boundary() -> int:
     return int(compose("offline")["denoiser"]["params"]["boundary"])
 
 
+def _expert_pair(high: Path, low: Path, boundary: int):
+    """The denoiser ``experts``: the unet-ldm directory ``high`` above ``boundary``, ``low`` below it."""
+    from reaudio_core.registry import create
+    return create("denoiser", "experts", boundary=boundary,
+                  high={"name": "unet-ldm", "params": {"checkpoint": str(high)}},
+                  low={"name": "unet-ldm", "params": {"checkpoint": str(low)}})
+
+
 def package(args) -> None:
     """plugins/weights/offline/: the LDM export's weights + the preset's own database."""
     import numpy as np
@@ -112,7 +120,6 @@ def package(args) -> None:
     from reaudio_core.config import compose, save_config
     from reaudio_core.database import build_database
     from reaudio_core.pipeline import ReAudioPipeline
-    from reaudio_core.registry import create
     src, low = RUNS / HIGH_RUN / "final", RUNS / LOW_RUN / "final"
     for run in (src, low):
         if not (run / "config.yaml").exists():
@@ -122,9 +129,7 @@ def package(args) -> None:
     tmp.mkdir(parents=True)
     for slot in ("decoder", "audio_encoder"):
         shutil.copytree(src / slot, tmp / slot)
-    create("denoiser", "experts", boundary=_preset_boundary(),
-           high={"name": "unet-ldm", "params": {"checkpoint": str(src / "denoiser")}},
-           low={"name": "unet-ldm", "params": {"checkpoint": str(low / "denoiser")}}).save_pretrained(tmp / "denoiser")
+    _expert_pair(src / "denoiser", low / "denoiser", _preset_boundary()).save_pretrained(tmp / "denoiser")
     for slot in ("denoiser", "decoder", "audio_encoder"):
         for f in (tmp / slot).rglob("*.safetensors"):  # half precision on disk (loaded back into fp32 modules)
             tensors = load_file(f)
@@ -738,12 +743,12 @@ def vae_l1(args) -> None:
 
 def experts(args) -> None:
     """A pipeline directory whose denoiser is ``experts`` (plugins/experts.py): the base model's UNet (its
-    ``high`` expert if it already has two) for timesteps >= ``--boundary`` and the low-noise expert ``--low`` (a unet-ldm directory, e.g.
-    runs/offline-ldm-v-low/final/denoiser from configs/offline-ldm-v-low.yaml) below it; everything else (VAE,
+    ``high`` expert if it already has two) for timesteps >= ``--boundary`` and the low-noise expert ``--low``
+    (a unet-ldm directory, e.g. runs/offline-ldm-v-low/final/denoiser from configs/offline-ldm-v-low.yaml)
+    below it; everything else (VAE,
     audio encoder, database, settings) copied from the base (``--model DIR``, default the shipped preset).
     Written to runs/offline-experts-<low run>-b<boundary>/final, for ``check`` / ``renoise --model``."""
     from reaudio_core.config import load_config, save_config
-    from reaudio_core.registry import create
     if not args.low:
         raise SystemExit("experts needs --low DIR: a unet-ldm directory (OUT/final/denoiser of a run of "
                          "configs/offline-ldm-v-low.yaml)")
@@ -751,9 +756,7 @@ def experts(args) -> None:
     boundary = args.boundary or _preset_boundary()
     out = RUNS / f"offline-experts-{low.resolve().parents[1].name}-b{boundary}" / "final"
     high = base / "denoiser" / "high" if (base / "denoiser" / "high").is_dir() else base / "denoiser"
-    den = create("denoiser", "experts", boundary=boundary,
-                 high={"name": "unet-ldm", "params": {"checkpoint": str(high)}},
-                 low={"name": "unet-ldm", "params": {"checkpoint": str(low)}})
+    den = _expert_pair(high, low, boundary)
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(base, out, ignore=lambda d, names: ["denoiser"] if Path(d) == base else [])
     den.save_pretrained(out / "denoiser")
