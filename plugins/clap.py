@@ -25,7 +25,7 @@ RoBERTa-base architecture, ``tiny`` = a test-size model; ``config`` overrides an
 field; ``seed`` makes them reproducible); without a ``processor`` the MiniLM WordPiece tokenizer
 stands in (see :func:`reaudio_plugins._encoders.fallback_tokenizer`).
 
-``backend: laion`` runs the optional ``laion-clap`` package instead (``pip install laion-clap``),
+``backend: laion`` runs the optional ``laion-clap`` package instead (``pip install "reaudio[laion]"``),
 imported only then; it gives embeddings, not token states.
 
 Outputs. Text: ``embed`` = the L2-normalised projected RoBERTa pooler output ([B, 512]);
@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from reaudio_core import AudioEncoder, ReaudioError, TextEncoder, hookimpl
+from reaudio_core.optional import require
 
 from . import _encoders as E
 
@@ -365,11 +366,8 @@ class _LaionBundle:
     backend = "laion"
 
     def __init__(self, pretrained, config):
-        try:
-            import laion_clap
-        except ImportError:
-            raise ReaudioError("clap backend 'laion' needs the optional extra: pip install 'reaudio[laion]' "
-                               "(laion-clap); or use backend=transformers (the same checkpoint, converted)") from None
+        laion_clap = require("laion_clap", "laion", "clap backend 'laion'", "laion-clap",
+                             alternative="use backend=transformers (the same checkpoint, converted)")
         from ._ckpt import lightning_state_dict
         if not pretrained:
             raise ReaudioError("clap backend 'laion' needs pretrained=FILE (a LAION-CLAP .pt checkpoint)")

@@ -25,13 +25,15 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from reaudio_core import Retriever, hookimpl
+from reaudio_core.optional import require
 
 from ._common import (ParamError, as_matrix, atomic_write, check_params, load_params, pad_results, thread_pool,
                       write_meta)
+
+faiss = require("faiss", None, "the faiss retriever", "faiss-cpu")
 
 INDEXES = ("flat", "ivf", "hnsw")
 MIN_POINTS_PER_LIST = 39  # faiss's k-means warns below this many training points per centroid

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from reaudio_core import Retriever, hookimpl
+from reaudio_core.optional import require
 
 from ._common import as_matrix, atomic_write, check_params, load_params, pad_results, write_meta
 
@@ -21,13 +22,7 @@ INITIAL_CAPACITY = 1024
 
 
 def _hnswlib():
-    try:
-        import hnswlib
-    except ImportError:
-        from reaudio_core import ReaudioError
-        raise ReaudioError("the hnswlib retriever needs hnswlib: pip install 'reaudio[hnsw]' "
-                           "(or pip install hnswlib)") from None
-    return hnswlib
+    return require("hnswlib", None, "the hnswlib retriever")
 
 
 class HnswlibRetriever(Retriever):

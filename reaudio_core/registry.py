@@ -2,9 +2,9 @@
 
 Two sources, merged once per process:
 
-* ``registry.yaml`` (repository root): built-in components (kind, name, providing plugin,
-  default parameters), shared defaults and named presets. The only place built-in
-  defaults are stated.
+* ``registry.yaml`` (repository root; the package ships it as ``reaudio_core/registry.yaml``):
+  built-in components (kind, name, providing plugin, default parameters), shared defaults
+  and named presets. The only place built-in defaults are stated.
 * the ``register_components`` hook of every loaded plugin: the classes themselves, and
   for third-party components not in ``registry.yaml`` their default parameters.
 """
@@ -44,14 +44,16 @@ def closest(name: str, options) -> str:
 
 
 def registry_path() -> Path:
+    """``$REAUDIO_REGISTRY`` if set, else the catalogue shipped inside this package
+    (``reaudio_core/registry.yaml``: in a source checkout a symlink to the top-level file, in a
+    wheel its copy), so an installed package finds it from any working directory."""
     env = os.environ.get(REGISTRY_ENV)
     if env:
         return Path(env)
-    for candidate in (Path(__file__).resolve().parent.parent / "registry.yaml",
-                      Path(__file__).resolve().parent / "registry.yaml"):
-        if candidate.exists():
-            return candidate
-    raise ReaudioError("registry.yaml not found; set REAUDIO_REGISTRY to its path")
+    candidate = Path(__file__).resolve().parent / "registry.yaml"
+    if candidate.exists():
+        return candidate
+    raise ReaudioError(f"registry.yaml not found at {candidate}; reinstall reaudio or set REAUDIO_REGISTRY to its path")
 
 
 @dataclass
