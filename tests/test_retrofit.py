@@ -199,3 +199,19 @@ def test_trainable_retrieval_needs_retrieval_layers(setup, tmp_path):
                              "generation.retrieval=none"])
     with pytest.raises(ReaudioError, match="denoiser 'unet-ldm' has no retrieval layers.*set text_dim / audio_dim"):
         T.train(cfg, tmp_path / "run", progress=False)
+
+
+@pytest.mark.slow  # two torchrun processes
+def test_trainable_retrieval_under_ddp(setup, tmp_path):
+    """DistributedDataParallel over the retrieval layers only, with the default find_unused_parameters=False:
+    every trained parameter gets its gradient each step (DDP does not track the frozen ones)."""
+    from test_training import TORCHRUN, run
+    path = retrofit_yaml(setup, "ddp.yaml", max_steps=3, batch_size=1)
+    proc = run([*TORCHRUN, "-m", "reaudio_core.cli", "train", "--config", str(path), "--out", str(tmp_path / "ddp"),
+                "--quiet", "training.trainable=retrieval"])
+    assert "trained ldm: steps 0 -> 3" in proc.stdout and "parameters trained, the rest frozen" in proc.stderr
+    source = load_file(setup / "audioldm" / "unet" / "diffusion_pytorch_model.safetensors")
+    trained = load_file(tmp_path / "ddp" / "final" / "denoiser" / "model.safetensors")
+    names = retrofitted_names(source, 3)
+    assert all(torch.equal(trained[names[k]], v) for k, v in source.items())
+    assert any(trained[k].any() for k in set(trained) - set(names.values()) if ".proj_out." in k)
