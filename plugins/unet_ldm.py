@@ -50,7 +50,8 @@ from them (:func:`inflate_audioldm_state_dict`): every AudioLDM weight goes to t
 self-attention transformer of each level carries AudioLDM's transformer, and each new stream
 transformer ends in a zero-initialised output projection, so the model computes exactly AudioLDM's
 output until trained. :meth:`UNetLDM.retrieval_parameters` names the stream layers' parameters
-(``training.trainable: retrieval`` trains only them; docs/retrofit.md). Loading never executes code (safetensors, or ``torch.load(weights_only=True)``).
+(``training.trainable: retrieval`` trains only them; docs/retrofit.md). Loading never executes code
+(safetensors, or ``torch.load(weights_only=True)``).
 """
 from __future__ import annotations
 
