@@ -10,7 +10,8 @@ One loop for every stage, reading top to bottom in :meth:`Trainer.run`:
 Configuration: the ``training`` section of ``registry.yaml`` (documented there) plus the usual
 component slots; ready-made files in ``configs/``. ``training.trainable: retrieval`` trains only the
 denoiser's retrieval layers (:func:`select_trainable`; docs/retrofit.md). Under
-``torchrun --nproc_per_node N`` the same command trains with DistributedDataParallel (gloo on CPU, nccl on CUDA); only rank 0 writes.
+``torchrun --nproc_per_node N`` the same command trains with DistributedDataParallel (gloo on CPU, nccl
+on CUDA); only rank 0 writes.
 
 Determinism and resumption: every random draw of a step (crop offsets, diffusion noise and
 timesteps, guidance dropout, posterior samples) comes from a seed derived from
