@@ -26,16 +26,9 @@ from reaudio_core.config import compose
 from test_training import TINY_VAE, cli
 from test_unet import AUDIO, CHANS, HEAD_WIDTH, PROMPT, TEXT, assert_same, inputs, ref_forward, \
     reference_audioldm_unet, tiny_unet
+from test_unet import one_thread  # noqa: F401  (autouse: one torch thread for tiny models)
 
 STREAM_KEY = re.compile(r"((?:down|up)_blocks\.\d+\.attentions|mid_block\.attentions)\.(\d+)\.(.+)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def save_diffusers_root(model, root):
