@@ -93,6 +93,11 @@ class ExpertDenoisers(Denoiser):
             out[mask] = expert(latents[mask], timesteps[mask], cond.rows(mask))
         return out
 
+    def retrieval_parameters(self) -> list[torch.nn.Parameter]:
+        """The retrieval-layer parameters of both experts (``high``'s, then ``low``'s; see
+        ``UNetLDM.retrieval_parameters``); an expert without that method contributes none."""
+        return [p for expert in (self.high, self.low) for p in (getattr(expert, "retrieval_parameters", list)())]
+
     @property
     def params(self) -> dict:
         """Constructor keywords that rebuild this component (weights apart)."""

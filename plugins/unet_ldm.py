@@ -49,7 +49,9 @@ A retrieval model given AudioLDM weights (any of the above without stream layers
 from them (:func:`inflate_audioldm_state_dict`): every AudioLDM weight goes to the same layer, the
 self-attention transformer of each level carries AudioLDM's transformer, and each new stream
 transformer ends in a zero-initialised output projection, so the model computes exactly AudioLDM's
-output until trained. Loading never executes code (safetensors, or ``torch.load(weights_only=True)``).
+output until trained. :meth:`UNetLDM.retrieval_parameters` names the stream layers' parameters
+(``training.trainable: retrieval`` trains only them; docs/retrofit.md). Loading never executes code
+(safetensors, or ``torch.load(weights_only=True)``).
 """
 from __future__ import annotations
 
@@ -494,9 +496,13 @@ class UNetLDM(Denoiser):
             log.info("unet-ldm: loaded AudioLDM %s weights from %s", "EMA" if used_ema else "non-EMA", checkpoint)
         stride = _attention_stride(state, R)
         if n_streams and stride == 1:
+            given = set(state)
             state = inflate_audioldm_state_dict(state, self.model, n_streams)
-            log.info("unet-ldm: retrieval UNet initialised from the AudioLDM UNet in %s (%d new stream layers per "
-                     "attention level, zero output projection)", checkpoint, n_streams)
+            new = len(set(state) - given)
+            log.info("unet-ldm: retrieval UNet initialised from the AudioLDM UNet in %s: every AudioLDM weight loaded; "
+                     "%d new stream transformers (%d tensors, %d per attention layer, zero output projection: the "
+                     "model computes AudioLDM's output until trained; retrieval_parameters() lists them)", checkpoint,
+                     len(self.retrieval_modules()), new, n_streams)
         state = self._inflate_freq_channels(state, checkpoint)
         load_strict(self.model, state, f"unet weights {checkpoint}", hint=hint)
 
@@ -525,6 +531,22 @@ class UNetLDM(Denoiser):
             elif int(m[2]) % n == 0:
                 out.append(f"{m[1]}.{int(m[2]) // n}.{m[3]}")
         return out
+
+    # -- the retrieval layers -----------------------------------------------------------------------------------
+    def retrieval_modules(self) -> list[torch.nn.Module]:
+        """The retrieval-stream cross-attention transformers: at every attention level (down, middle, up), the
+        transformers after each self-attention one (AudioLDM's layer), in the order the model runs them. Empty
+        without a stream. These are the layers that :func:`inflate_audioldm_state_dict` adds to AudioLDM's UNet."""
+        n = 1 + (self.text_dim is not None) + (self.audio_dim is not None)
+        if n == 1:
+            return []
+        blocks = [*self.model.down_blocks, self.model.mid_block, *self.model.up_blocks]
+        return [a for b in blocks for i, a in enumerate(getattr(b, "attentions", None) or []) if i % n]
+
+    def retrieval_parameters(self) -> list[torch.nn.Parameter]:
+        """Every parameter of :meth:`retrieval_modules` (what ``training.trainable: retrieval`` trains); every
+        other parameter is AudioLDM's. Empty without a retrieval stream."""
+        return [p for m in self.retrieval_modules() for p in m.parameters()]
 
     # -- the Denoiser contract --------------------------------------------------------------------------------
     def _stream(self, what: str, states, mask, dim: int, B: int):

@@ -8,8 +8,10 @@ One loop for every stage, reading top to bottom in :meth:`Trainer.run`:
            EMA, autocast -> log.jsonl -> atomic checkpoints -> final export (save_pretrained)
 
 Configuration: the ``training`` section of ``registry.yaml`` (documented there) plus the usual
-component slots; ready-made files in ``configs/``. Under ``torchrun --nproc_per_node N`` the same
-command trains with DistributedDataParallel (gloo on CPU, nccl on CUDA); only rank 0 writes.
+component slots; ready-made files in ``configs/``. ``training.trainable: retrieval`` trains only the
+denoiser's retrieval layers (:func:`select_trainable`; docs/retrofit.md). Under
+``torchrun --nproc_per_node N`` the same command trains with DistributedDataParallel (gloo on CPU, nccl
+on CUDA); only rank 0 writes.
 
 Determinism and resumption: every random draw of a step (crop offsets, diffusion noise and
 timesteps, guidance dropout, posterior samples) comes from a seed derived from
@@ -46,6 +48,7 @@ from .registry import ReaudioError, get_registry
 log = logging.getLogger("reaudio.train")
 
 STAGES = ("vae", "ldm", "vocoder")
+TRAINABLE = ("all", "retrieval")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FORMAT = "reaudio-train-checkpoint"
@@ -399,6 +402,33 @@ def torch_module(component, what: str) -> nn.Module:
             return m
     raise ReaudioError(f"{what} {type(component).__name__} exposes no torch module to train (a component made of "
                        "others trains one part at a time: name that part's component in the config; docs/training.md)")
+
+
+def select_trainable(stage: "Stage", trainable: str) -> None:
+    """``training.trainable``: ``all`` leaves the stage's choice (everything it trains); ``retrieval`` (ldm
+    stage) sets ``requires_grad`` False on every parameter of the objective except the denoiser's retrieval
+    layers, which the denoiser names through ``retrieval_parameters()`` (``UNetLDM``: the stream
+    cross-attention transformers). The trainer then optimises (and keeps the EMA of) those only."""
+    if trainable == "all":
+        return
+    denoiser = stage.denoiser
+    name = stage.cfg["denoiser"]["name"]
+    get = getattr(denoiser, "retrieval_parameters", None)
+    if not callable(get):
+        raise ReaudioError(f"training.trainable=retrieval: denoiser '{name}' does not name its retrieval layers (no "
+                           "retrieval_parameters()); use training.trainable=all")
+    chosen = list(get())
+    if not chosen:
+        raise ReaudioError(f"training.trainable=retrieval: denoiser '{name}' has no retrieval layers (text_dim="
+                           f"{getattr(denoiser, 'text_dim', None)}, audio_dim={getattr(denoiser, 'audio_dim', None)}); "
+                           "set text_dim / audio_dim to add the caption / audio streams, or use training.trainable=all")
+    own = {id(p) for p in stage.objective.parameters()}
+    if any(id(p) not in own for p in chosen):
+        raise ReaudioError(f"training.trainable=retrieval: denoiser '{name}' returned retrieval parameters that are "
+                           "not part of the module being trained")
+    stage.objective.requires_grad_(False)
+    for p in chosen:
+        p.requires_grad_(True)
 
 
 def lr_factor(warmup: int, max_steps: int, decay: str):
@@ -1280,6 +1310,11 @@ class Trainer:
         if t["stage"] not in STAGES:
             raise ReaudioError(f"training.stage must be one of {STAGES}, got {t['stage']!r}")
         autocast_context(t["precision"], env.device)  # validate early
+        if t["trainable"] not in TRAINABLE:
+            raise ReaudioError(f"training.trainable must be one of {TRAINABLE}, got {t['trainable']!r}")
+        if t["trainable"] == "retrieval" and t["stage"] != "ldm":
+            raise ReaudioError(f"training.trainable=retrieval trains the denoiser's retrieval layers: it needs "
+                               f"training.stage=ldm, not {t['stage']}")
         if t["threads"]:
             torch.set_num_threads(int(t["threads"]))
         torch.manual_seed(t["seed"])  # initial weights
@@ -1291,9 +1326,14 @@ class Trainer:
                 move_component(component, env.device)
         self.objective = self.stage.objective.to(env.device)
         self.objective.train()
+        select_trainable(self.stage, t["trainable"])
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
         if not self.params:
             raise ReaudioError(f"the {t['stage']} stage found no trainable parameters")
+        if t["trainable"] != "all" and env.is_main:
+            total = sum(p.numel() for p in self.objective.parameters())
+            print(f"training.trainable={t['trainable']}: {sum(p.numel() for p in self.params)} of {total} "
+                  "parameters trained, the rest frozen", file=sys.stderr)
         self.model: nn.Module = self.objective
         if env.distributed:
             from torch.nn.parallel import DistributedDataParallel
