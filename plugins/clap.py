@@ -310,7 +310,8 @@ def _load_saved(folder: Path) -> _Bundle:
     saved = read_json(folder / "clap_config.json")
     text_only = saved.get("model_type") == TEXT_MODEL_TYPE
     with E.seeded(0):
-        model = ClapTextModelWithProjection(ClapTextConfig.from_dict(saved)) if text_only else ClapModel(build_config(saved))
+        model = (ClapTextModelWithProjection(ClapTextConfig.from_dict(saved)) if text_only
+                 else ClapModel(build_config(saved)))
     load_strict(model, read_weights(folder / E.WEIGHTS_FILE), f"{folder / E.WEIGHTS_FILE}")
     return _Bundle(model, _tokenizer_from(folder), None if text_only else _feature_extractor(folder), f"saved {folder}",
                    {"ignored": [], "filled": []})

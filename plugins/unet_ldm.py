@@ -482,8 +482,8 @@ class UNetLDM(Denoiser):
         heads = [num_heads] * len(chans) if isinstance(num_heads, int) else num_heads
         if not isinstance(heads, (list, tuple)) or len(heads) != len(chans) or \
                 any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in heads):
-            raise ReaudioError(f"unet-ldm: num_heads must be null, a positive integer or {len(chans)} positive integers "
-                               f"(one per level), got {num_heads!r}")
+            raise ReaudioError(f"unet-ldm: num_heads must be null, a positive integer or {len(chans)} positive "
+                               f"integers (one per level), got {num_heads!r}")
         bad = [(c, h) for c, h in zip(chans[1:], heads[1:]) if c % h]
         if bad:
             raise ReaudioError(f"unet-ldm: num_heads must divide each attention level's width; (width, heads) {bad} "

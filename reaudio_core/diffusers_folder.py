@@ -46,8 +46,11 @@ SAMPLERS = {"DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpm-solver"
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
 #: weighted slot -> (folder, component name the folder is loaded by)
 WEIGHTS = {"denoiser": ("unet", "unet-ldm"), "decoder": ("vae", "vae"), "vocoder": ("vocoder", "hifigan")}
+#: configuration keys that do not change what AudioLDMPipeline computes in fp32 (bookkeeping, initialisation,
+#: fp16 upcasting, latent statistics its decode_latents does not apply)
 _IGNORED_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "architectures",
-                 "transformers_version", "torch_dtype", "dtype", "sample_size"}
+                 "transformers_version", "torch_dtype", "dtype", "sample_size", "initializer_range", "force_upcast",
+                 "latents_mean", "latents_std", "shift_factor"}
 _HEAD_KEYS = {"attention_head_dim", "num_attention_heads"}
 
 
@@ -101,8 +104,8 @@ def folder_config(root: str | Path, overrides: Sequence[str] = ()) -> dict:
     cfg = compose(VARIANT)
     text = cfg["text_encoder"]["params"]
     cfg["text_encoder"] = {"name": "clap", "params": {
-        **text, "pretrained": str(root / "text_encoder"), "processor": str(root / "tokenizer"), "backend": "transformers",
-        "random_init": False, "max_length": _tokenizer_max_length(root, text["max_length"])}}
+        **text, "pretrained": str(root / "text_encoder"), "processor": str(root / "tokenizer"),
+        "backend": "transformers", "random_init": False, "max_length": _tokenizer_max_length(root, text["max_length"])}}
     cfg["caption_encoder"] = cfg["audio_encoder"] = cfg["reranker"] = None
     for slot, (folder, name) in WEIGHTS.items():
         params = cfg[slot]["params"] if cfg[slot]["name"] == name else {}

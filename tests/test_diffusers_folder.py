@@ -123,7 +123,8 @@ def test_resolved_config_names_the_folder_and_what_ran(folder, tmp_path):
     te = cfg["text_encoder"]
     assert te["name"] == "clap" and te["params"]["pretrained"] == str(folder / "text_encoder")
     assert te["params"]["processor"] == str(folder / "tokenizer") and te["params"]["max_length"] == 16
-    for slot, name, sub in (("denoiser", "unet-ldm", "unet"), ("decoder", "vae", "vae"), ("vocoder", "hifigan", "vocoder")):
+    for slot, name, sub in (("denoiser", "unet-ldm", "unet"), ("decoder", "vae", "vae"),
+                            ("vocoder", "hifigan", "vocoder")):
         assert cfg[slot]["name"] == name and cfg[slot]["params"]["checkpoint"] == str(folder / sub)
     den = cfg["denoiser"]["params"]
     assert den["block_out_channels"] == [32, 64, 96] and den["head_width"] == 16 and den["num_heads"] is None
@@ -144,7 +145,8 @@ def test_head_convention_and_num_heads(tmp_path, caplog):
     assert pipe.denoiser.model.config.attention_head_dim == [2, 4, 8]
     assert (default.mels - mel_ref).abs().max() > 10 * MEL_TOL
     pipe, exact = ours(root, ["generation.eta=1.0", "denoiser.params.num_heads=8"], steps=2)
-    assert pipe.denoiser.model.config.attention_head_dim == [8, 8, 8] and pipe.cfg["denoiser"]["params"]["num_heads"] == [8] * 3
+    assert pipe.denoiser.model.config.attention_head_dim == [8, 8, 8]
+    assert pipe.cfg["denoiser"]["params"]["num_heads"] == [8, 8, 8]
     assert (exact.mels - mel_ref).abs().max() < MEL_TOL
     with pytest.raises(ReaudioError, match="num_heads must divide"):
         ReAudioPipeline.from_pretrained(root, ["denoiser.params.num_heads=3"])
@@ -227,7 +229,8 @@ def test_clap_loads_a_text_tower_folder(folder, tmp_path):
     tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
     texts = [PROMPT, ""]
     with torch.no_grad():
-        expected = F.normalize(ref(**tok(texts, padding="max_length", max_length=16, return_tensors="pt")).text_embeds, dim=-1)
+        batch = tok(texts, padding="max_length", max_length=16, return_tensors="pt")
+        expected = F.normalize(ref(**batch).text_embeds, dim=-1)
     for source in (folder / "text_encoder", folder):  # the tower (tokenizer beside it) or the pipeline root
         enc = create("text_encoder", "clap", pretrained=str(source), max_length=16)
         assert (enc.dim, enc.token_dim) == (16, 32)
