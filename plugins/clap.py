@@ -338,11 +338,7 @@ def _load_text_tower(folder: Path, processor) -> _Bundle:
     except Exception as exc:
         raise ReaudioError(f"clap: cannot load a {TEXT_MODEL_CLASS} from {folder}: {type(exc).__name__}: {exc}") \
             from None
-    missing = [k for k in info.get("missing_keys", []) if not _DERIVED_BUFFERS.search(k)]
-    bad = missing + list(info.get("unexpected_keys", [])) + [str(m) for m in info.get("mismatched_keys", [])]
-    if bad:
-        raise ReaudioError(f"clap: {folder} does not fit {TEXT_MODEL_CLASS}: {', '.join(bad[:5])}"
-                           f"{' ...' if len(bad) > 5 else ''}")
+    _check_loading(info, folder, TEXT_MODEL_CLASS)
     sibling = folder.parent / "tokenizer"
     if processor:
         tok_folder = E.resolve_local(processor, what="clap processor (tokenizer)", param="processor")
@@ -358,6 +354,14 @@ def _load_text_tower(folder: Path, processor) -> _Bundle:
                    {"ignored": [], "filled": sorted(info.get("missing_keys", []))})
 
 
+def _check_loading(info: dict, folder: Path, what: str) -> None:
+    """Refuse a ``from_pretrained`` that left weights missing (other than derived buffers), unused or mis-shaped."""
+    missing = [k for k in info.get("missing_keys", []) if not _DERIVED_BUFFERS.search(k)]
+    bad = missing + list(info.get("unexpected_keys", [])) + [str(m) for m in info.get("mismatched_keys", [])]
+    if bad:
+        raise ReaudioError(f"clap: {folder} does not fit {what}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+
+
 def _load_hf_folder(folder: Path, processor) -> _Bundle:
     from transformers import ClapModel
     try:
@@ -365,11 +369,7 @@ def _load_hf_folder(folder: Path, processor) -> _Bundle:
                                                 dtype=torch.float32)
     except Exception as exc:
         raise ReaudioError(f"clap: cannot load a ClapModel from {folder}: {type(exc).__name__}: {exc}") from None
-    missing = [k for k in info.get("missing_keys", []) if not _DERIVED_BUFFERS.search(k)]
-    bad = missing + list(info.get("unexpected_keys", [])) + [str(m) for m in info.get("mismatched_keys", [])]
-    if bad:
-        raise ReaudioError(f"clap: {folder} does not fit ClapModel: {', '.join(bad[:5])}"
-                           f"{' ...' if len(bad) > 5 else ''}")
+    _check_loading(info, folder, "ClapModel")
     if processor:
         tok_folder = E.resolve_local(processor, what="clap processor (tokenizer)", param="processor")
     elif _has_tokenizer(folder):
