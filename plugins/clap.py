@@ -18,7 +18,12 @@ Where the weights come from (``pretrained``):
   file: ``processor=DIR`` names a folder holding it (else the locally cached
   ``laion/clap-htsat-unfused`` or ``roberta-base`` is used, if present);
 * a folder written by :meth:`save_pretrained` (``config.json``, ``model.safetensors``,
-  ``clap_config.json``, tokenizer and ``preprocessor_config.json``).
+  ``clap_config.json``, tokenizer and ``preprocessor_config.json``);
+* the text tower alone: a ``ClapTextModelWithProjection`` folder (the ``text_encoder/`` of a diffusers
+  ``AudioLDMPipeline``), its tokenizer from ``processor=DIR``, else from the folder itself, else from the
+  sibling ``tokenizer/`` of a diffusers pipeline root; or the pipeline root itself (``model_index.json``
+  beside ``text_encoder/`` and ``tokenizer/``). Such a model has no audio tower: the ``clap`` text encoder
+  loads it, the audio encoder refuses it.
 
 ``random_init: true`` builds random weights (``size``: ``full`` = the LAION-CLAP HTSAT-tiny +
 RoBERTa-base architecture, ``tiny`` = a test-size model; ``config`` overrides any ``ClapConfig``
@@ -214,7 +219,8 @@ def build_config(base: dict, overrides=None, **text_extra):
 
 # -- loading ---------------------------------------------------------------------------------------
 class _Bundle:
-    """A loaded CLAP: model, tokenizer, feature extractor, and what loading did."""
+    """A loaded CLAP: model, tokenizer, feature extractor, and what loading did. A text tower alone
+    (``ClapTextModelWithProjection``) has ``text_only`` set, no feature extractor and no audio sizes."""
 
     backend = "transformers"
 
@@ -222,7 +228,14 @@ class _Bundle:
         self.model, self.tokenizer, self.fe = model, tokenizer, feature_extractor
         self.origin, self.report = origin, report
         self.config = model.config
+        self.text_only = not hasattr(self.config, "audio_config")
+        self.projection_dim = int(self.config.projection_dim)
+        self.text_width = int((self.config if self.text_only else self.config.text_config).hidden_size)
+        if self.text_only:
+            self.audio_width = self.num_tokens = 0
+            return
         audio = self.config.audio_config
+        self.audio_width = int(audio.hidden_size)
         self.fe.truncation = "fusion" if audio.enable_fusion else "rand_trunc"
         layers = len(audio.depths)
         freq_ratio = audio.spec_size // audio.num_mel_bins
@@ -291,16 +304,63 @@ def _load_checkpoint_file(path: Path, processor, config) -> _Bundle:
 
 
 def _load_saved(folder: Path) -> _Bundle:
-    """A folder written by :meth:`_ClapBase.save_pretrained`."""
-    from transformers import ClapModel
+    """A folder written by :meth:`_ClapBase.save_pretrained` (a full CLAP, or a text tower alone)."""
+    from transformers import ClapModel, ClapTextConfig, ClapTextModelWithProjection
 
     from ._ckpt import load_strict, read_json, read_weights
-    cfg = build_config(read_json(folder / "clap_config.json"))
+    saved = read_json(folder / "clap_config.json")
+    text_only = saved.get("model_type") == TEXT_MODEL_TYPE
     with E.seeded(0):
-        model = ClapModel(cfg)
+        model = (ClapTextModelWithProjection(ClapTextConfig.from_dict(saved)) if text_only
+                 else ClapModel(build_config(saved)))
     load_strict(model, read_weights(folder / E.WEIGHTS_FILE), f"{folder / E.WEIGHTS_FILE}")
-    return _Bundle(model, _tokenizer_from(folder), _feature_extractor(folder), f"saved {folder}",
+    return _Bundle(model, _tokenizer_from(folder), None if text_only else _feature_extractor(folder), f"saved {folder}",
                    {"ignored": [], "filled": []})
+
+
+TEXT_MODEL_TYPE = "clap_text_model"
+TEXT_MODEL_CLASS = "ClapTextModelWithProjection"
+
+
+def _is_text_tower(folder: Path) -> bool:
+    """``folder/config.json`` describes a ``ClapTextModelWithProjection`` (CLAP's text tower alone)."""
+    from ._ckpt import read_json
+    cfg = read_json(folder / "config.json")
+    return cfg.get("model_type") == TEXT_MODEL_TYPE or TEXT_MODEL_CLASS in (cfg.get("architectures") or [])
+
+
+def _load_text_tower(folder: Path, processor) -> _Bundle:
+    """A ``ClapTextModelWithProjection`` folder (e.g. a diffusers AudioLDM pipeline's ``text_encoder/``) and
+    its tokenizer: ``processor``, else the folder's own files, else the pipeline root's ``tokenizer/``."""
+    from transformers import ClapTextModelWithProjection
+    try:
+        model, info = ClapTextModelWithProjection.from_pretrained(str(folder), local_files_only=True,
+                                                                  output_loading_info=True, dtype=torch.float32)
+    except Exception as exc:
+        raise ReaudioError(f"clap: cannot load a {TEXT_MODEL_CLASS} from {folder}: {type(exc).__name__}: {exc}") \
+            from None
+    _check_loading(info, folder, TEXT_MODEL_CLASS)
+    sibling = folder.parent / "tokenizer"
+    if processor:
+        tok_folder = E.resolve_local(processor, what="clap processor (tokenizer)", param="processor")
+    elif _has_tokenizer(folder):
+        tok_folder = folder
+    elif (folder.parent / "model_index.json").is_file() and _has_tokenizer(sibling):
+        tok_folder = sibling
+    else:
+        raise ReaudioError(f"clap: {folder} holds a {TEXT_MODEL_CLASS} but no tokenizer files, and it is not the "
+                           "text_encoder/ of a diffusers pipeline with a tokenizer/ beside it; pass processor=DIR "
+                           "(a folder with the tokenizer files)")
+    return _Bundle(model, _tokenizer_from(tok_folder), None, f"{TEXT_MODEL_CLASS} {folder} (tokenizer {tok_folder})",
+                   {"ignored": [], "filled": sorted(info.get("missing_keys", []))})
+
+
+def _check_loading(info: dict, folder: Path, what: str) -> None:
+    """Refuse a ``from_pretrained`` that left weights missing (other than derived buffers), unused or mis-shaped."""
+    missing = [k for k in info.get("missing_keys", []) if not _DERIVED_BUFFERS.search(k)]
+    bad = missing + list(info.get("unexpected_keys", [])) + [str(m) for m in info.get("mismatched_keys", [])]
+    if bad:
+        raise ReaudioError(f"clap: {folder} does not fit {what}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
 
 
 def _load_hf_folder(folder: Path, processor) -> _Bundle:
@@ -310,11 +370,7 @@ def _load_hf_folder(folder: Path, processor) -> _Bundle:
                                                 dtype=torch.float32)
     except Exception as exc:
         raise ReaudioError(f"clap: cannot load a ClapModel from {folder}: {type(exc).__name__}: {exc}") from None
-    missing = [k for k in info.get("missing_keys", []) if not _DERIVED_BUFFERS.search(k)]
-    bad = missing + list(info.get("unexpected_keys", [])) + [str(m) for m in info.get("mismatched_keys", [])]
-    if bad:
-        raise ReaudioError(f"clap: {folder} does not fit ClapModel: {', '.join(bad[:5])}"
-                           f"{' ...' if len(bad) > 5 else ''}")
+    _check_loading(info, folder, "ClapModel")
     if processor:
         tok_folder = E.resolve_local(processor, what="clap processor (tokenizer)", param="processor")
     elif _has_tokenizer(folder):
@@ -354,8 +410,10 @@ def _load(pretrained, processor, random_init, size, config, seed) -> _Bundle:
         return _load_checkpoint_file(path, processor, config)
     if (path / "clap_config.json").is_file() and (path / E.WEIGHTS_FILE).is_file():
         return _load_saved(path)
+    if (path / "model_index.json").is_file() and (path / "text_encoder" / "config.json").is_file():
+        path = path / "text_encoder"  # a diffusers pipeline root: its text tower (and tokenizer/ beside it)
     if (path / "config.json").is_file():
-        return _load_hf_folder(path, processor)
+        return _load_text_tower(path, processor) if _is_text_tower(path) else _load_hf_folder(path, processor)
     raise ReaudioError(f"clap: {path} holds neither a ClapModel (config.json) nor a saved reaudio CLAP "
                        "(clap_config.json + model.safetensors)")
 
@@ -419,9 +477,11 @@ class _ClapBase:
             self._holder = E.shared(key, build)
         self.bundle = self._holder.value
         if self.bundle.backend == "transformers":
-            cfg = self.bundle.config
-            self.dim = int(cfg.projection_dim)
-            self.token_dim = int(cfg.text_config.hidden_size if self._kind == "text" else cfg.audio_config.hidden_size)
+            if self._kind == "audio" and self.bundle.text_only:
+                raise ReaudioError(f"clap: {self.bundle.origin} is CLAP's text tower alone; the audio encoder needs "
+                                   "a full ClapModel (a folder or checkpoint with the audio tower)")
+            self.dim = self.bundle.projection_dim
+            self.token_dim = self.bundle.text_width if self._kind == "text" else self.bundle.audio_width
             self.num_tokens = self.bundle.num_tokens
         else:
             self.dim, self.token_dim, self.num_tokens = self.bundle.dim, 0, 0
@@ -450,7 +510,8 @@ class _ClapBase:
             write_safetensors(tmp / E.WEIGHTS_FILE, self.model.state_dict())
             write_json(tmp / "clap_config.json", self.bundle.config.to_dict())
             self.bundle.tokenizer.save_pretrained(str(tmp))
-            self.bundle.fe.save_pretrained(str(tmp))
+            if self.bundle.fe is not None:
+                self.bundle.fe.save_pretrained(str(tmp))
             E.write_component_config(tmp, {**self._kwargs, "pretrained": None, "processor": None,
                                            "random_init": False, "config": None})
 

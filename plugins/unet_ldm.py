@@ -28,11 +28,15 @@ in/out channels 8 (the VAE latents).
   them with zero ``conv_in`` weights for the maps (the same output until trained). Not part of the
   paper; an option of this package (docs/results.md, section 1, says what it changed).
 
-Head convention (one, the original code's): every attention layer of a level with ``c`` channels has
+Head convention (by default the original code's): every attention layer of a level with ``c`` channels has
 ``c // head_width`` heads of width ``head_width`` (32 for S and M, 64 for L, 16 for ``tiny``). For S
 that is 8, 12 and 20 heads at the three attention levels. diffusers' published AudioLDM configs use 8
 heads everywhere instead (same weight shapes, different attention maths at the wider levels); a
 diffusers folder is loaded with this module's convention, with a warning when its config says otherwise.
+``num_heads`` (default ``null`` = the convention above) chooses the other one: an integer is that many
+heads at every attention level, a list one count per level (diffusers' ``attention_head_dim``, which
+diffusers' UNet2DConditionModel reads as a head count); ``num_heads: 8`` runs a diffusers AudioLDM folder
+exactly as diffusers does (docs/checkpoints.md).
 
 Weights (``checkpoint``, or :meth:`UNetLDM.from_pretrained`)
 ------------------------------------------------------------
@@ -79,8 +83,8 @@ BASELINE_CLASS = "UNet2DConditionModel"
 RETRIEVAL_CLASS = "AudioLDM2UNet2DConditionModel"
 LDM_UNET = "model.diffusion_model."
 LDM_EMA = "model_ema."
-PARAMS = ("size", "block_out_channels", "layers_per_block", "head_width", "prompt_dim", "text_dim", "audio_dim",
-          "in_channels", "freq_channels", "checkpoint", "device")
+PARAMS = ("size", "block_out_channels", "layers_per_block", "head_width", "num_heads", "prompt_dim", "text_dim",
+          "audio_dim", "in_channels", "freq_channels", "checkpoint", "device")
 
 
 def default_head_width(model_channels: int) -> int:
@@ -97,10 +101,11 @@ def attention_heads(block_out_channels, head_width: int) -> list[int]:
 
 
 def diffusers_unet_config(*, block_out_channels, layers_per_block, head_width, prompt_dim, in_channels,
-                          freq_channels=0, stream_dims=()) -> tuple[str, dict]:
+                          freq_channels=0, stream_dims=(), num_heads=None) -> tuple[str, dict]:
     """``(class name, constructor kwargs)`` of the diffusers UNet for these sizes; ``stream_dims`` are the
     widths of the retrieval streams in order (empty = AudioLDM's no-retrieval UNet); ``freq_channels``
-    position maps are read beside the ``in_channels`` latent channels (:func:`frequency_maps`)."""
+    position maps are read beside the ``in_channels`` latent channels (:func:`frequency_maps`); ``num_heads``
+    (one count per level) replaces the ``channels // head_width`` convention."""
     chans = [int(c) for c in block_out_channels]
     levels = len(chans)
     common = dict(
@@ -108,7 +113,8 @@ def diffusers_unet_config(*, block_out_channels, layers_per_block, head_width, p
         flip_sin_to_cos=True, freq_shift=0, down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (levels - 1),
         up_block_types=["CrossAttnUpBlock2D"] * (levels - 1) + ["UpBlock2D"], block_out_channels=chans,
         layers_per_block=int(layers_per_block), norm_num_groups=NORM_GROUPS, norm_eps=1e-5,
-        attention_head_dim=attention_heads(chans, head_width), use_linear_projection=False,
+        attention_head_dim=attention_heads(chans, head_width) if num_heads is None else [int(h) for h in num_heads],
+        use_linear_projection=False,
         class_embed_type="simple_projection", projection_class_embeddings_input_dim=int(prompt_dim),
         class_embeddings_concat=True)
     if not stream_dims:
@@ -348,9 +354,9 @@ class UnetSource:
     ``original``), ``arch`` (sizes it fixes, may be partial), ``streams`` (its stream widths; ``None`` =
     unknown), ``heads`` (per level, diffusers folders only)."""
 
-    def __init__(self, state, arch=None, streams=None, heads=None, original=False, head_width=None):
+    def __init__(self, state, arch=None, streams=None, heads=None, original=False, head_width=None, num_heads=None):
         self.state, self.arch, self.streams, self.heads = state, dict(arch or {}), streams, heads
-        self.original, self.head_width = original, head_width
+        self.original, self.head_width, self.num_heads = original, head_width, num_heads
 
 
 def read_unet_checkpoint(path: str | Path) -> UnetSource:
@@ -372,7 +378,8 @@ def read_unet_checkpoint(path: str | Path) -> UnetSource:
             arch = {k: cfg[k] for k in ("block_out_channels", "layers_per_block", "prompt_dim", "in_channels",
                                         "freq_channels") if cfg.get(k) is not None}
             streams = [int(cfg[k]) for k in ("text_dim", "audio_dim") if cfg.get(k) is not None]
-            return UnetSource(read_weights(path / WEIGHTS_FILE), arch, streams, head_width=cfg.get("head_width"))
+            return UnetSource(read_weights(path / WEIGHTS_FILE), arch, streams, head_width=cfg.get("head_width"),
+                              num_heads=cfg.get("num_heads"))
         raise ReaudioError(f"{path}: not a UNet directory (expected {CONFIG_FILE} + {WEIGHTS_FILE} written by "
                            "save_pretrained, or a diffusers folder with model_index.json and unet/)")
     sd = lightning_state_dict(read_weights(path))
@@ -391,11 +398,12 @@ class UNetLDM(Denoiser):
     ``size``: ``tiny`` | ``s`` | ``m`` | ``l``; ``block_out_channels`` / ``layers_per_block`` / ``head_width``
     (``null`` = the size's) override it. ``prompt_dim``: prompt embedding width (512 CLAP, 384 MiniLM).
     ``text_dim`` / ``audio_dim``: widths of the retrieved caption states / audio tokens, ``null`` = no such
-    stream. ``checkpoint``: weights to load (sizes come from it when it states them).
+    stream. ``checkpoint``: weights to load (sizes come from it when it states them). ``num_heads``: ``null`` =
+    ``channels // head_width`` heads (the original code's), else an integer or one count per level (diffusers').
     """
 
-    def __init__(self, *, size, block_out_channels, layers_per_block, head_width, prompt_dim, text_dim, audio_dim,
-                 in_channels, freq_channels, checkpoint, device):
+    def __init__(self, *, size, block_out_channels, layers_per_block, head_width, num_heads, prompt_dim, text_dim,
+                 audio_dim, in_channels, freq_channels, checkpoint, device):
         if size not in SIZES:
             raise ReaudioError(f"unet-ldm: unknown size {size!r}; known: {', '.join(SIZES)}")
         base, size_layers, size_width = SIZES[size]
@@ -414,6 +422,8 @@ class UNetLDM(Denoiser):
             arch.update(source.arch)
             if head_width is None:
                 head_width = source.head_width or self._folder_head_width(source, arch["block_out_channels"])
+            if num_heads is None:
+                num_heads = source.num_heads
             if source.streams and source.streams != streams:
                 raise ReaudioError(f"unet-ldm: {checkpoint} has retrieval streams of widths {source.streams}, this "
                                    f"model is configured with text_dim={text_dim}, audio_dim={audio_dim}; set them "
@@ -427,12 +437,15 @@ class UNetLDM(Denoiser):
                 "layers_per_block": int(arch["layers_per_block"]), "head_width": int(arch["head_width"]),
                 "prompt_dim": int(arch["prompt_dim"]), "in_channels": int(arch["in_channels"]),
                 "freq_channels": int(arch["freq_channels"])}
-        if source is not None and source.heads is not None:
+        self.num_heads = self._heads_per_level(num_heads, arch["block_out_channels"])
+        if source is not None and source.heads is not None and self.num_heads is None:
             mine = attention_heads(arch["block_out_channels"], arch["head_width"])
             if source.heads[1:] != mine[1:]:
                 log.warning("unet-ldm: %s's config has %s attention heads per level; using this module's convention "
                             "(channels / head_width %d = %s heads, the original AudioLDM code's)",
                             checkpoint, source.heads, arch["head_width"], mine)
+                log.warning("unet-ldm: set denoiser.params.num_heads=%s to run it as diffusers does "
+                            "(docs/checkpoints.md)", source.heads[-1] if len(set(source.heads)) == 1 else source.heads)
         self.arch = arch
         self.text_dim = None if text_dim is None else int(text_dim)
         self.audio_dim = None if audio_dim is None else int(audio_dim)
@@ -441,7 +454,8 @@ class UNetLDM(Denoiser):
         self.freq_channels = arch["freq_channels"]
         self.downsample = 2 ** (len(arch["block_out_channels"]) - 1)
         self.size = size
-        self.model = build_unet(**arch, stream_dims=[d for d in (self.text_dim, self.audio_dim) if d is not None])
+        self.model = build_unet(**arch, stream_dims=[d for d in (self.text_dim, self.audio_dim) if d is not None],
+                                num_heads=self.num_heads)
         self.loaded_from = None
         if source is not None:
             self._load(source, checkpoint)
@@ -460,6 +474,23 @@ class UNetLDM(Denoiser):
             return None
         widths = {c // h for c, h in pairs}
         return widths.pop() if len(widths) == 1 else None
+
+    @staticmethod
+    def _heads_per_level(num_heads, chans) -> list[int] | None:
+        """``num_heads`` (null, an integer, or one count per level) as one count per level, checked to divide each
+        attention level's width."""
+        if num_heads is None:
+            return None
+        heads = [num_heads] * len(chans) if isinstance(num_heads, int) else num_heads
+        if not isinstance(heads, (list, tuple)) or len(heads) != len(chans) or \
+                any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in heads):
+            raise ReaudioError(f"unet-ldm: num_heads must be null, a positive integer or {len(chans)} positive "
+                               f"integers (one per level), got {num_heads!r}")
+        bad = [(c, h) for c, h in zip(chans[1:], heads[1:]) if c % h]
+        if bad:
+            raise ReaudioError(f"unet-ldm: num_heads must divide each attention level's width; (width, heads) {bad} "
+                               "do not")
+        return [int(h) for h in heads]
 
     @staticmethod
     def _validate(arch: dict, streams) -> None:
@@ -604,7 +635,7 @@ class UNetLDM(Denoiser):
         """Constructor keywords that rebuild this component (weights apart)."""
         return {"size": self.size, **{k: self.arch[k] for k in ("block_out_channels", "layers_per_block",
                                                                 "head_width", "prompt_dim", "in_channels",
-                                                                "freq_channels")},
+                                                                "freq_channels")}, "num_heads": self.num_heads,
                 "text_dim": self.text_dim, "audio_dim": self.audio_dim, "checkpoint": None, "device": "cpu"}
 
     def save_pretrained(self, directory: str | Path) -> None:

@@ -177,6 +177,15 @@ def cmd_train(args) -> int:
     return 0
 
 
+# -- export -----------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    from .diffusers_folder import export
+    out = export(args.model, args.out)
+    print(f"wrote {out} (diffusers AudioLDMPipeline; load with AudioLDMPipeline.from_pretrained or "
+          f"reaudio generate --model {out})")
+    return 0
+
+
 # -- evaluate ---------------------------------------------------------------------------
 def _model_spec(text: str | None) -> tuple[str | None, dict]:
     """``NAME`` or ``NAME:key=value,key=value`` -> (name, params); values are parsed as YAML scalars."""
@@ -356,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a saved pipeline as a diffusers AudioLDMPipeline folder")
+    p.add_argument("--format", required=True, choices=["diffusers"], help="diffusers: an AudioLDMPipeline folder "
+                   "(no retrieval; clap text encoder, unet-ldm, vae, hifigan; docs/checkpoints.md)")
+    p.add_argument("--model", required=True, metavar="DIR", help="a saved pipeline (save_pretrained / reaudio train)")
+    p.add_argument("out", metavar="OUT", help="output directory (new or empty)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="FAD / KL / IS / CLAP score of generated audio against reference audio")
     p.add_argument("--generated", required=True, metavar="DIR", help="folder of generated clips (any soundfile format)")

@@ -156,7 +156,12 @@ class ReAudioPipeline:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, overrides: Sequence[str] = (), db=None):
+        """A saved pipeline (``config.yaml`` + weights), or a diffusers ``AudioLDMPipeline`` folder
+        (``model_index.json``; :mod:`reaudio_core.diffusers_folder`). ``overrides`` are applied last."""
         directory = Path(directory)
+        from . import diffusers_folder
+        if diffusers_folder.is_diffusers_folder(directory):
+            return diffusers_folder.load(cls, directory, overrides, db=db)
         if not (directory / "config.yaml").exists():
             raise ReaudioError(f"{directory} is not a saved pipeline: config.yaml missing "
                                "(write one with save_pretrained or `reaudio train`)")
