@@ -341,7 +341,8 @@ AUDIO_RULES = [
 DIM, N_FIRST, N_SECOND = 32, 700, 500  # two batches; a graph index must grow past its first capacity
 
 
-def _unit(rng, n, d=DIM):
+def unit_vectors(rng: np.random.Generator, n: int, d: int = DIM) -> np.ndarray:
+    """``[n, d]`` float32 random unit vectors."""
     x = rng.standard_normal((n, d)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -349,7 +350,7 @@ def _unit(rng, n, d=DIM):
 def _vectors(ctx):
     def make():
         rng = np.random.default_rng(0)
-        return _unit(rng, N_FIRST + N_SECOND), _unit(rng, 25)
+        return unit_vectors(rng, N_FIRST + N_SECOND), unit_vectors(rng, 25)
     return ctx.once("vectors", make)
 
 
@@ -364,7 +365,8 @@ def _filled(ctx):
     return ctx.once("filled", make)
 
 
-def _exact_topk(x, q, k):
+def exact_topk(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact inner-product top-``k`` (scores, ids), ties broken by the lower id."""
     s = q @ x.T
     ids = np.argsort(-s, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(s, ids, 1), ids
@@ -392,7 +394,7 @@ def _retriever_recall(ctx):
     x, q = _vectors(ctx)
     r = _filled(ctx)
     scores, ids = r.search(q, 10)
-    ref_scores, ref_ids = _exact_topk(x, q, 10)
+    ref_scores, ref_ids = exact_topk(x, q, 10)
     if r.exact:
         assert np.array_equal(ids, ref_ids), "an exact retriever returned other ids than the exact top-10"
     else:
@@ -446,7 +448,7 @@ def _retriever_save_load(ctx):
         s0, i0 = r.search(batch, 10)
         s1, i1 = loaded.search(batch, 10)
         assert np.array_equal(i0, i1) and np.allclose(s0, s1, atol=1e-6), "the loaded index answers differently"
-    extra = _unit(np.random.default_rng(1), 3)
+    extra = unit_vectors(np.random.default_rng(1), 3)
     loaded.add(extra)
     got = loaded.search(extra, 1)[1][:, 0].tolist()
     assert got == [len(x), len(x) + 1, len(x) + 2], f"vectors added after load got ids {got}"
@@ -460,12 +462,12 @@ def _retriever_ties(ctx):
     if not r.exact:
         raise NotApplicable("approximate retriever (exact = False)")
     rng = np.random.default_rng(2)
-    v, others = _unit(rng, 1), _unit(rng, 40)
+    v, others = unit_vectors(rng, 1), unit_vectors(rng, 40)
     r.add(np.concatenate([others[:5], np.repeat(v, 8, 0), others[5:]]))  # ids 5..12 tie for the best score
     assert r.search(v, 3)[1][0].tolist() == [5, 6, 7], "ties are not broken by the lower id"
     assert (r.search(np.repeat(v, 4, 0), 3)[1] == [5, 6, 7]).all(), "a batch of queries breaks ties differently"
     assert r.search(v, 10)[1][0][:8].tolist() == list(range(5, 13)), "ties are not broken by the lower id"
-    q = _unit(rng, 3)
+    q = unit_vectors(rng, 3)
     (s0, i0), (s1, i1) = r.search(q, 12), r.search(q, 12)
     assert np.array_equal(i0, i1) and np.array_equal(s0, s1), "exact search is not deterministic"
 
@@ -558,6 +560,7 @@ def _den_guidance_layout(ctx):
 def _den_bad_size(ctx):
     x, t, cond = _den_inputs(ctx)
     _raises((ReaudioError,), lambda: ctx.component(x[:, :, :-1], t, cond), "latents with T not a multiple of downsample")
+    _raises((ReaudioError,), lambda: ctx.component(x[..., :-1], t, cond), "latents with F not a multiple of downsample")
 
 
 def _den_round_trip(ctx):
@@ -576,7 +579,7 @@ DENOISER_RULES = [
     Rule("timesteps", "the output depends on the timesteps", _den_timesteps),
     Rule("prompt", "the output depends on Conditioning.prompt", _den_prompt),
     Rule("guidance-layout", "a batch doubled with Conditioning.cat gives the same rows", _den_guidance_layout),
-    Rule("bad-size", "latents whose T is not a multiple of downsample raise ReaudioError", _den_bad_size),
+    Rule("bad-size", "latents whose T or F is not a multiple of downsample raise ReaudioError", _den_bad_size),
     Rule("save-load", "from_pretrained(save_pretrained) gives identical outputs", _den_round_trip),
 ]
 
