@@ -114,7 +114,8 @@ def kit_site(tmp_path_factory):
             [tool.setuptools]
             py-modules = ["{module}"]
             """))
-        (pkg / f"{module}.py").write_text(COMPONENTS + f"\n\n@hookimpl\ndef register_components(register):\n    {call}\n")
+        hook = f"\n\n@hookimpl\ndef register_components(register):\n    {call}\n"
+        (pkg / f"{module}.py").write_text(COMPONENTS + hook)
     target = tmp_path_factory.mktemp("kit-site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), *(str(root / d) for d in PACKAGES)], check=True, timeout=300)
