@@ -279,7 +279,7 @@ TEXT_RULES = [
     Rule("embed-batch", "embed rows do not depend on the rest of the batch", _embed_batch_independent),
     Rule("embed-empty-text", 'embed([""]) is one L2-normalised row (the unconditional prompt)', _text_empty_string),
     Rule("embed-empty-batch", "embed([]) returns [0, dim]", _embed_empty_batch),
-    Rule("embed-not-a-string", "embed raises TypeError or ValueError for a text that is not a str",
+    Rule("embed-not-a-string", "embed raises TypeError, ValueError or ReaudioError for a text that is not a str",
          _text_not_a_string),
     Rule("tokens-shape", "encode_tokens returns states [B, L, token_dim] float32 and mask [B, L] bool, "
          "L the longest text", _text_tokens_shape),
@@ -333,7 +333,8 @@ AUDIO_RULES = [
     Rule("embed-deterministic", "embed is deterministic (bit-identical on the same input)", _embed_deterministic),
     Rule("embed-batch", "embed rows do not depend on the rest of the batch", _embed_batch_independent),
     Rule("embed-empty-batch", "embed([]) returns [0, dim]", _embed_empty_batch),
-    Rule("embed-empty-waveform", "embed raises ValueError for a zero-length waveform", _audio_empty_waveform),
+    Rule("embed-empty-waveform", "embed raises ValueError or ReaudioError for a zero-length waveform",
+         _audio_empty_waveform),
     Rule("tokens-shape", "encode_tokens returns tokens [B, num_tokens, token_dim] float32 and mask "
          "[B, num_tokens] bool", _audio_tokens_shape),
     Rule("tokens-values", "encode_tokens: finite, padding tokens zero, at least one real token per clip",
