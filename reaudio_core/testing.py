@@ -269,16 +269,24 @@ def _encoder_round_trip(ctx):
     _round_trip(ctx, lambda enc: enc.embed(data))
 
 
+# the rules text and audio encoders share
+EMBED_RULES = [
+    Rule("embed-norm", "embed rows are L2-normalised", _embed_norm),
+    Rule("embed-deterministic", "embed is deterministic (bit-identical on the same input)", _embed_deterministic),
+    Rule("embed-batch", "embed rows do not depend on the rest of the batch", _embed_batch_independent),
+]
+EMBED_EMPTY_BATCH = Rule("embed-empty-batch", "embed([]) returns [0, dim]", _embed_empty_batch)
+ENCODER_SAVE_LOAD = Rule("save-load", "from_pretrained(save_pretrained) gives identical embeddings",
+                         _encoder_round_trip)
+
 TEXT_RULES = [
     BUILDS,
     Rule("attributes", "dim and token_dim are positive ints",
          lambda c: _positive_ints(c.component, "dim", "token_dim")),
     Rule("embed-shape", "embed returns [B, dim] float32", _embed_shape),
-    Rule("embed-norm", "embed rows are L2-normalised", _embed_norm),
-    Rule("embed-deterministic", "embed is deterministic (bit-identical on the same input)", _embed_deterministic),
-    Rule("embed-batch", "embed rows do not depend on the rest of the batch", _embed_batch_independent),
+    *EMBED_RULES,
     Rule("embed-empty-text", 'embed([""]) is one L2-normalised row (the unconditional prompt)', _text_empty_string),
-    Rule("embed-empty-batch", "embed([]) returns [0, dim]", _embed_empty_batch),
+    EMBED_EMPTY_BATCH,
     Rule("embed-not-a-string", "embed raises TypeError, ValueError or ReaudioError for a text that is not a str",
          _text_not_a_string),
     Rule("tokens-shape", "encode_tokens returns states [B, L, token_dim] float32 and mask [B, L] bool, "
@@ -290,7 +298,7 @@ TEXT_RULES = [
          _text_max_tokens_pad),
     Rule("max-tokens-truncate", "encode_tokens(max_tokens=3) truncates every row to 3", _text_max_tokens_truncate),
     Rule("tokens-empty-batch", "encode_tokens([], max_tokens=5) returns [0, 5, token_dim]", _text_tokens_empty),
-    Rule("save-load", "from_pretrained(save_pretrained) gives identical embeddings", _encoder_round_trip),
+    ENCODER_SAVE_LOAD,
 ]
 
 
@@ -329,10 +337,8 @@ AUDIO_RULES = [
     Rule("attributes", "dim, token_dim and num_tokens are positive ints",
          lambda c: _positive_ints(c.component, "dim", "token_dim", "num_tokens")),
     Rule("embed-shape", "embed returns [B, dim] float32 for clips of 10 ms to 12 s", _embed_shape),
-    Rule("embed-norm", "embed rows are L2-normalised", _embed_norm),
-    Rule("embed-deterministic", "embed is deterministic (bit-identical on the same input)", _embed_deterministic),
-    Rule("embed-batch", "embed rows do not depend on the rest of the batch", _embed_batch_independent),
-    Rule("embed-empty-batch", "embed([]) returns [0, dim]", _embed_empty_batch),
+    *EMBED_RULES,
+    EMBED_EMPTY_BATCH,
     Rule("embed-empty-waveform", "embed raises ValueError or ReaudioError for a zero-length waveform",
          _audio_empty_waveform),
     Rule("tokens-shape", "encode_tokens returns tokens [B, num_tokens, token_dim] float32 and mask "
@@ -340,7 +346,7 @@ AUDIO_RULES = [
     Rule("tokens-values", "encode_tokens: finite, padding tokens zero, at least one real token per clip",
          _audio_tokens_values),
     Rule("tokens-deterministic", "encode_tokens is deterministic whatever the batch", _audio_tokens_deterministic),
-    Rule("save-load", "from_pretrained(save_pretrained) gives identical embeddings", _encoder_round_trip),
+    ENCODER_SAVE_LOAD,
 ]
 
 
