@@ -192,4 +192,5 @@ class AudioMAEEncoder(AudioEncoder):
 
 @hookimpl
 def register_components(register):
-    register("audio_encoder", "audiomae", AudioMAEEncoder)
+    register("audio_encoder", "audiomae", AudioMAEEncoder,
+             tiny={"pretrained": None, "random_init": True, "size": "tiny"})  # random weights, test size

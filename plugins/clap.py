@@ -618,5 +618,6 @@ class ClapAudioEncoder(_ClapBase, AudioEncoder):
 
 @hookimpl
 def register_components(register):
-    register("text_encoder", "clap", ClapTextEncoder)
-    register("audio_encoder", "clap", ClapAudioEncoder)
+    tiny = {"pretrained": None, "random_init": True, "size": "tiny"}  # random weights, test size
+    register("text_encoder", "clap", ClapTextEncoder, tiny=tiny)
+    register("audio_encoder", "clap", ClapAudioEncoder, tiny=tiny)

@@ -56,4 +56,4 @@ class ClapFeatures(FeatureModel):
 
 @hookimpl
 def register_components(register):
-    register("feature_model", "clap", ClapFeatures)
+    register("feature_model", "clap", ClapFeatures, tiny={"pretrained": None, "random_init": True, "size": "tiny"})

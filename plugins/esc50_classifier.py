@@ -165,7 +165,7 @@ class Esc50Classifier(FeatureModel):
 
 @hookimpl
 def register_components(register):
-    register("feature_model", "esc50-classifier", Esc50Classifier)
+    register("feature_model", "esc50-classifier", Esc50Classifier, tiny={})  # the shipped model is small
 
 
 # -- training ------------------------------------------------------------------------------

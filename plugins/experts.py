@@ -128,4 +128,5 @@ class ExpertDenoisers(Denoiser):
 
 @hookimpl
 def register_components(register):
-    register("denoiser", "experts", ExpertDenoisers)
+    unet = {"name": "unet-ldm", "params": {"size": "tiny", "prompt_dim": 16, "text_dim": 24, "audio_dim": 20}}
+    register("denoiser", "experts", ExpertDenoisers, tiny={"high": unet, "low": unet})  # two random tiny UNets

@@ -221,4 +221,4 @@ class FaissRetriever(Retriever):
 
 @hookimpl
 def register_components(register):
-    register("retriever", "faiss", FaissRetriever)
+    register("retriever", "faiss", FaissRetriever, tiny={})

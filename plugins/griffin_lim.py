@@ -78,4 +78,4 @@ class GriffinLim(Vocoder):
 
 @hookimpl
 def register_components(register):
-    register("vocoder", "griffin-lim", GriffinLim)
+    register("vocoder", "griffin-lim", GriffinLim, tiny={"n_iter": 4})

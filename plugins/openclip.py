@@ -186,4 +186,5 @@ class OpenClipTextEncoder(TextEncoder):
 
 @hookimpl
 def register_components(register):
-    register("text_encoder", "openclip", OpenClipTextEncoder)
+    register("text_encoder", "openclip", OpenClipTextEncoder,
+             tiny={"pretrained": None, "random_init": True, "size": "tiny"})  # random weights, test size

@@ -153,4 +153,4 @@ class PannsCnn14(FeatureModel):
 
 @hookimpl
 def register_components(register):
-    register("feature_model", "panns-cnn14", PannsCnn14)
+    register("feature_model", "panns-cnn14", PannsCnn14, tiny={"allow_random": True})  # published size, random weights

@@ -164,4 +164,5 @@ class T5TextEncoder(TextEncoder):
 
 @hookimpl
 def register_components(register):
-    register("text_encoder", "t5", T5TextEncoder)
+    register("text_encoder", "t5", T5TextEncoder,
+             tiny={"pretrained": None, "random_init": True, "size": "tiny"})  # random weights, test size

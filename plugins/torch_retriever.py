@@ -154,4 +154,4 @@ class TorchRetriever(Retriever):
 
 @hookimpl
 def register_components(register):
-    register("retriever", "torch", TorchRetriever)
+    register("retriever", "torch", TorchRetriever, tiny={})

@@ -681,4 +681,5 @@ class UNetLDM(Denoiser):
 
 @hookimpl
 def register_components(register):
-    register("denoiser", "unet-ldm", UNetLDM)
+    # 32 x [1, 2, 3, 5] channels, 1 res block, 16-wide heads (x8 downsampling), both retrieval streams
+    register("denoiser", "unet-ldm", UNetLDM, tiny={"size": "tiny", "prompt_dim": 16, "text_dim": 24, "audio_dim": 20})

@@ -291,6 +291,10 @@ def measure_scale_factor(vae: VAE, mels, sample: bool = True, generator: torch.G
     return float(1.0 / std)
 
 
+#: test size: 3 levels (x4), GroupNorm(4), random weights
+TINY = {"block_out_channels": [8, 16, 16], "layers_per_block": 1, "latent_channels": 8, "norm_num_groups": 4}
+
+
 @hookimpl
 def register_components(register):
-    register("decoder", "vae", VAE)
+    register("decoder", "vae", VAE, tiny=TINY)

@@ -150,4 +150,6 @@ class VaeLatentEncoder(AudioEncoder):
 
 @hookimpl
 def register_components(register):
-    register("audio_encoder", "vae-latent", VaeLatentEncoder)
+    from .vae import TINY
+    # an untrained tiny VAE, 4 tokens of 8 * 16 = 128 values
+    register("audio_encoder", "vae-latent", VaeLatentEncoder, tiny={"vae": TINY, "num_tokens": 4})

@@ -45,6 +45,16 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def cmd_check_plugin(args) -> int:
+    from .testing import check_distribution
+    results = check_distribution(args.distribution, report=lambda r: print(r.line(), flush=True))
+    failed = sum(r.status == "fail" for r in results)
+    components = len({(r.kind, r.name) for r in results})
+    print(f"{args.distribution}: {components} component(s), {sum(r.status == 'pass' for r in results)} rules passed, "
+          f"{failed} failed, {sum(r.status == 'n/a' for r in results)} not applicable")
+    return 1 if failed else 0
+
+
 # -- index / retrieve ------------------------------------------------------------------
 def cmd_index_build(args) -> int:
     from .config import compose
@@ -304,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list plugins and components by kind")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("check-plugin", help="run the contract tests on every component an installed distribution "
+                                            "registers (exit 1 on a failed rule)")
+    p.add_argument("distribution", help="distribution name, e.g. reaudio-hashtext")
+    p.set_defaults(func=cmd_check_plugin)
 
     p = sub.add_parser("index", help="build or extend a retrieval database")
     isub = p.add_subparsers(dest="index_command", required=True)

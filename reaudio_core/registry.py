@@ -66,6 +66,7 @@ class ComponentSpec:
     distribution: str = "?"
     version: str = "?"
     error: str | None = None  #: why the component is unavailable, if it is
+    tiny: dict[str, Any] | None = None  #: parameters for a seconds-fast test instance (None: not declared)
 
     def parameters(self) -> list[str]:
         """Every keyword the constructor accepts."""
@@ -96,7 +97,7 @@ class Registry:
                 elif info.error:
                     spec.error = f"plugin '{plugin}' failed to load: {info.error}"
                 self.components[(kind, name)] = spec
-        for plugin, kind, name, cls, defaults in registered:
+        for plugin, kind, name, cls, defaults, tiny in registered:
             if kind not in KINDS:
                 raise ReaudioError(f"plugin '{plugin}' registered unknown kind '{kind}'. {closest(kind, KINDS)}")
             if not issubclass(cls, BASES[kind]):
@@ -109,6 +110,7 @@ class Registry:
             elif spec.plugin != plugin:
                 raise ReaudioError(f"{kind} '{name}' is provided by both '{spec.plugin}' and '{plugin}'")
             spec.cls, spec.distribution, spec.version, spec.error = cls, info.distribution, info.version, None
+            spec.tiny = None if tiny is None else dict(tiny)
         for spec in self.components.values():
             if spec.cls is None and spec.error is None:
                 spec.error = f"plugin '{spec.plugin}' loaded but did not register it"
@@ -156,8 +158,8 @@ def build_registry(path: Path | None = None) -> Registry:
     pm, infos = load_plugins()
     registered: list[tuple] = []
     for plugin_name, module in pm.list_name_plugin():
-        def register(kind, name, cls, defaults=None, _p=plugin_name):
-            registered.append((_p, kind, name, cls, defaults))
+        def register(kind, name, cls, defaults=None, tiny=None, _p=plugin_name):
+            registered.append((_p, kind, name, cls, defaults, tiny))
         hook = getattr(module, "register_components", None)
         if hook is None:
             continue

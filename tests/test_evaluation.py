@@ -9,13 +9,14 @@ import pytest
 import soundfile as sf
 import torch
 import torch.nn.functional as F
-from component_factories import tiny
+from component_factories import BUILTIN, tiny
 from conftest import make_clip
 
 from reaudio_core.cli import main as cli_main
 from reaudio_core.evaluation import (evaluate, frechet_distance, gaussian, inception_score, kl_per_pair,
                                      to_markdown)
 from reaudio_core.registry import ReaudioError, get_registry
+from reaudio_core.testing import contract_tests
 
 
 @pytest.fixture(autouse=True)
@@ -358,34 +359,8 @@ def test_clap_score_with_prompts(tmp_path):
     assert r["feature_models"]["clap"]["name"] == "clap"
 
 
-# -- contract over every registered feature model ------------------------------------------------------
-FEATURE_MODELS = get_registry().names("feature_model")
-
-
-@pytest.mark.parametrize("name", FEATURE_MODELS)
-def test_feature_model_contract(name):
-    model = tiny("feature_model", name)
-    assert model.name == name and isinstance(model.fingerprint, str) and model.fingerprint
-    assert isinstance(model.sample_rate, int) and model.sample_rate > 0
-    rng = np.random.default_rng(0)
-    wavs = [rng.normal(0, 0.1, int(model.sample_rate * s)).astype(np.float32) for s in (0.5, 2.1)]
-    frames = model.embed_frames(wavs)
-    assert len(frames) == 2
-    assert all(f.ndim == 2 and f.shape[0] >= 1 and f.dtype == np.float32 and np.isfinite(f).all() for f in frames)
-    assert frames[0].shape[1] == frames[1].shape[1]
-    again = model.embed_frames(wavs)
-    assert all(np.array_equal(a, b) for a, b in zip(frames, again)), "deterministic"
-    assert model.embed_frames([]) == []
-    if model.num_classes:
-        logits = model.logits(wavs)
-        assert logits.shape == (2, model.num_classes) and logits.dtype == torch.float32
-        assert torch.isfinite(logits).all()
-    else:
-        with pytest.raises(NotImplementedError):
-            model.logits(wavs)
-    if hasattr(model, "embed_text"):
-        t = model.embed_text(["a dog barks"])
-        assert t.shape == (1, frames[0].shape[1])
+# -- contract over every registered feature model (rules: reaudio_core/testing.py) -----------------------
+test_feature_model_contract = contract_tests(BUILTIN, kinds=["feature_model"], skip_others=True)
 
 
 def test_esc50_classifier_training_augmentations():

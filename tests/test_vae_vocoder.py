@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from component_factories import TINY_PARAMS, tiny
+from component_factories import BUILTIN, tiny
 from reaudio_core import ReaudioError, get_registry
 from reaudio_core import mel as M
+from reaudio_core.testing import contract_tests
 from reaudio_plugins.griffin_lim import GriffinLim
 from reaudio_plugins.hifigan import HiFiGAN, convert_hifigan_state_dict, fold_weight_norm
 from reaudio_plugins.vae import VAE, convert_ldm_vae_state_dict, measure_scale_factor
@@ -493,46 +494,6 @@ def test_griffin_lim_short_and_seeded():
         GriffinLim(n_iter=2, momentum=1.0, seed=None, mel_inverse="pinv")
 
 
-# -- contract tests over every registered decoder / vocoder ----------------------------------------
-DECODERS = get_registry().names("decoder")
-VOCODERS = get_registry().names("vocoder")
-
-
-@pytest.mark.parametrize("name", DECODERS)
-def test_decoder_contract(name, tmp_path):
-    dec = tiny("decoder", name)
-    c, k = dec.latent_channels, dec.compression
-    mel = mel_batch(2, 4 * k)
-    with torch.no_grad():
-        z = dec.encode(mel)
-        assert z.shape == (2, c, 4, 64 // k) and z.dtype == torch.float32
-        assert torch.equal(dec.encode(mel), z)
-        out = dec.decode(z)
-        assert out.shape == mel.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
-        assert dec.scale_factor > 0
-        if hasattr(dec, "save_pretrained"):
-            dec.save_pretrained(tmp_path / name)
-            back = type(dec).from_pretrained(tmp_path / name)
-            assert back.scale_factor == dec.scale_factor and torch.equal(back.decode(z), out)
-
-
-@pytest.mark.parametrize("name", VOCODERS)
-def test_vocoder_contract(name, tmp_path):
-    voc = tiny("vocoder", name)
-    assert voc.sample_rate == 16000 and voc.hop_length == 160
-    mel = mel_batch(2, 6)
-    with torch.no_grad():
-        wav = voc(mel)
-        assert wav.shape == (2, 6 * voc.hop_length) and wav.dtype == torch.float32 and torch.isfinite(wav).all()
-        assert torch.equal(voc(mel), wav)
-        assert torch.equal(voc(mel[:1]), wav[:1]) or torch.allclose(voc(mel[:1]), wav[:1], atol=1e-5)
-        if hasattr(voc, "save_pretrained"):
-            voc.save_pretrained(tmp_path / name)
-            assert torch.equal(type(voc).from_pretrained(tmp_path / name)(mel), wav)
-
-
-def test_tiny_params_name_registered_components():
-    reg = get_registry()
-    for kind, name in TINY_PARAMS:
-        if kind in ("decoder", "vocoder"):
-            assert name in reg.names(kind), f"component_factories names unknown {kind} '{name}'"
+# -- contract tests over every registered decoder / vocoder (rules: reaudio_core/testing.py) ----------------
+test_decoder_contract = contract_tests(BUILTIN, kinds=["decoder"], skip_others=True)
+test_vocoder_contract = contract_tests(BUILTIN, kinds=["vocoder"], skip_others=True)

@@ -10,6 +10,7 @@ import torch
 from reaudio_core import TextEncoder, hookimpl
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+_EMPTY = "<no words>"  # the token of a text without words (never a \w+ match)
 
 
 def _bucket(token: str, dim: int) -> tuple[int, float]:
@@ -21,7 +22,8 @@ def _bucket(token: str, dim: int) -> tuple[int, float]:
 class HashingTextEncoder(TextEncoder):
     """Signed feature hashing of words and word bigrams.
 
-    ``embed``: ``[B, dim]`` L2-normalised (an empty text gives a zero vector).
+    ``embed``: ``[B, dim]`` L2-normalised; a text without words (``""``, the unconditional prompt)
+    hashes a reserved token, so its row is a unit vector too, as the contract requires.
     ``encode_tokens``: one ``dim``-wide one-hot-like state per word.
     """
 
@@ -30,6 +32,8 @@ class HashingTextEncoder(TextEncoder):
         self.bigrams = bigrams
 
     def _words(self, text: str) -> list[str]:
+        if not isinstance(text, str):
+            raise TypeError(f"hashing: texts must be str, got {type(text).__name__}")
         return _WORD.findall(text.lower())
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
@@ -37,7 +41,7 @@ class HashingTextEncoder(TextEncoder):
         for row, text in enumerate(texts):
             words = self._words(text)
             grams = words + ([f"{a} {b}" for a, b in zip(words, words[1:])] if self.bigrams else [])
-            for gram in grams:
+            for gram in grams or [_EMPTY]:
                 idx, sign = _bucket(gram, self.dim)
                 out[row, idx] += sign
         return torch.nn.functional.normalize(out, dim=-1)
@@ -58,4 +62,6 @@ class HashingTextEncoder(TextEncoder):
 @hookimpl
 def register_components(register):
     # A third party states its defaults here (it cannot edit reaudio's registry.yaml).
-    register("text_encoder", "hashing", HashingTextEncoder, defaults={"dim": 256, "bigrams": True})
+    # ``tiny``: the size the contract tests (reaudio check-plugin, tests/test_contract.py) build it at.
+    register("text_encoder", "hashing", HashingTextEncoder, defaults={"dim": 256, "bigrams": True},
+             tiny={"dim": 64})
