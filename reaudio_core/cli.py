@@ -48,6 +48,10 @@ def _os_error(exc: OSError) -> str:
     return f"{where}: {exc.strerror or exc}{f' [{code}]' if code else ''}"
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"reaudio: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 # -- plugins ------------------------------------------------------------------------
 def cmd_plugins(args) -> int:
     from .interfaces import KINDS
@@ -489,8 +493,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         setattr(args, target, list(getattr(args, target) or []) + extra)
+    import warnings
     try:
-        return args.func(args) or 0
+        with warnings.catch_warnings():  # a warning is one line too: "reaudio: warning: ..."
+            warnings.showwarning = _one_line_warning
+            return args.func(args) or 0
     except (ReaudioError, OSError, ValueError) as exc:  # OSError: unwritable, missing or not-a-folder paths
         if args.traceback or os.environ.get("REAUDIO_TRACEBACK"):
             raise

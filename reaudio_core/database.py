@@ -380,6 +380,17 @@ def _component(kind: str, entry: dict | None):
     return _COMPONENTS[key]
 
 
+def _refuse_untrained(cfg: dict, audio_enc) -> None:
+    """A database is never embedded by an encoder that says it is untrained (``untrained = True``, e.g.
+    ``vae-latent`` without weights): its vectors would be random projections, and neighbours chosen by them
+    meaningless. (Random weights asked for explicitly, such as ``random_init: true``, are not flagged.)"""
+    if getattr(audio_enc, "untrained", False):
+        name = cfg["audio_encoder"]["name"]
+        raise ReaudioError(f"audio_encoder {name!r} has no trained weights, and a database would store its random "
+                           f"embeddings: give them (audio_encoder.params.weights=DIR for {name}), or embed no audio "
+                           "(database.embed_audio=false with database.key=text and neighbour_modality=text->text)")
+
+
 def _describe(entry: dict | None) -> str | None:
     return None if entry is None else entry["name"]
 
@@ -857,6 +868,7 @@ def build_database(manifests: Sequence[str | Path], out: str | Path, cfg: dict, 
     _check_out_dir(root)
     text_enc = _component("text_encoder", cfg["text_encoder"])
     audio_enc = _component("audio_encoder", audio_encoder_entry(cfg))
+    _refuse_untrained(cfg, audio_enc)
     if db["key"] == "audio" and audio_enc.dim != text_enc.dim:
         raise ReaudioError(f"database.key=audio: prompts are embedded by text_encoder {cfg['text_encoder']['name']!r} "
                            f"({text_enc.dim}-d) and must share a space with audio_encoder "
@@ -951,6 +963,7 @@ def add_to_database(db_dir: str | Path, manifests: Sequence[str | Path], progres
         rows, skipped, n_rows = rows + r, skipped + s, n_rows + n
     text_enc = _component("text_encoder", cfg["text_encoder"])
     audio_enc = _component("audio_encoder", audio_encoder_entry(cfg))
+    _refuse_untrained(cfg, audio_enc)
     if text_enc.dim != old.meta["text"]["dim"]:
         raise ReaudioError(f"text_encoder {cfg['text_encoder']['name']!r} now gives {text_enc.dim}-d embeddings; "
                            f"{root} holds {old.meta['text']['dim']}-d ones. Rebuild with `reaudio index build`.")
