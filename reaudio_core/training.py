@@ -699,8 +699,9 @@ class Stage:
         return clips
 
     def make_dataset(self, clips: list[Clip], want_wave: bool = False, multiple: int = 1) -> ClipDataset:
+        silence_db = (self.cfg.get("database") or {}).get("silence_db")  # index build's rule
         scan = scan_clips(clips, self.t["min_duration"], self.t["cache_audio"], self.env,
-                          self.progress and self.env.is_main, silence_db=(self.cfg.get("database") or {}).get("silence_db"))
+                          self.progress and self.env.is_main, silence_db=silence_db)
         self.skipped = self.skipped + scan.skipped
         if not scan.clips:
             raise ReaudioError(f"no usable training clip: all {len(clips)} were skipped "
