@@ -273,6 +273,7 @@ def cmd_evaluate(args) -> int:
                       classifier=classifier, classifier_params=cparams, clap=clap, prompts=args.prompts,
                       is_splits=args.is_splits or defaults.get("is_splits", 10),
                       silence_db=defaults.get("silence_db", -70.0), use_cache=not args.no_cache,
+                      min_duration=(get_registry().defaults.get("database") or {}).get("min_duration", 0.1),
                       progress=not args.quiet and not args.json)
     print(to_json(result) if args.json else to_markdown(result), end="" if not args.json else "\n")
     return 0
