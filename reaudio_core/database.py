@@ -453,6 +453,8 @@ class Database:
         if not root.exists():
             raise ReaudioError(f"no database at {root}: build one with "
                                f"`reaudio index build --manifest CSV --out {root}`")
+        if not root.is_dir():
+            raise ReaudioError(f"{root} is a file; a database is the folder `reaudio index build --out DIR` writes")
         version = _current(root)
         if version is None:
             if _versions(root) or any(p.name.startswith(".tmp-") for p in root.iterdir()):

@@ -108,6 +108,8 @@ class Clip:
 
 def scan(folder: str | Path, what: str, notes: list[str]) -> list[Clip]:
     folder = Path(folder)
+    if folder.is_file():
+        raise ReaudioError(f"{what} {folder} is a file; give the folder of {what} clips")
     if not folder.is_dir():
         raise ReaudioError(f"{what} folder not found: {folder}")
     clips: dict[str, Clip] = {}
@@ -158,8 +160,9 @@ def read_clip(clip: Clip, sample_rate: int, silence_db: float, min_duration: flo
 def read_prompts(path: str | Path) -> dict[str, str]:
     """``{file stem: prompt}`` from a CSV with a file column and a prompt column (header names flexible)."""
     path = Path(path)
-    if not path.exists():
-        raise ReaudioError(f"prompts CSV not found: {path}")
+    if not path.is_file():
+        raise ReaudioError(f"prompts CSV {path} is a folder; give the CSV file" if path.is_dir()
+                           else f"prompts CSV not found: {path}")
     rows = list(csv.DictReader(path.open(encoding="utf-8", newline="")))
     cols = {c.strip().lower(): c for c in (rows[0].keys() if rows else [])}
     fcol = next((cols[c] for c in FILE_COLUMNS if c in cols), None)

@@ -234,6 +234,13 @@ def test_unknown_preset_missing_manifest_and_folders_given_for_files(tmp_path, c
     line = error_line(capsys, main(["generate", "a dog", "-o", str(tmp_path / "x.wav"), "--preset", "nope"]))
     assert "Unknown preset 'nope'" in line
     assert not Path(out).exists()
+    line = error_line(capsys, main(["retrieve", "--db", str(clips / "good.csv"), "a tone"]))
+    assert "is a file" in line
+    line = error_line(capsys, main(["evaluate", "--generated", str(clips / "a.wav"), "--reference", str(clips)]))
+    assert "is a file" in line
+    line = error_line(capsys, main(["evaluate", "--generated", str(clips), "--reference", str(clips),
+                                    "--prompts", str(clips)]))
+    assert "is a folder" in line
 
 
 # -- short and silent clips ------------------------------------------------------------------------------------------
