@@ -22,14 +22,6 @@ from reaudio_core.cli import main
 TINY_GEN = ["--preset", "tiny", "--quiet", "generation.retrieval=none"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def error_line(capsys, rc: int) -> str:
     """The single ``reaudio: error:`` line of a failed command (``reaudio: warning:`` lines aside)."""
     err = capsys.readouterr().err
