@@ -183,7 +183,7 @@ def cmd_generate(args) -> int:
     from .config import compose, save_config
     from .pipeline import ReAudioPipeline
     prompts, overrides = _split_overrides(args.items)
-    prompts += args.prompt + args.after_dashes  # --prompt TEXT and every word after `--` are prompts as written
+    prompts += args.prompt + getattr(args, "after_dashes", [])  # --prompt TEXT and words after `--`: as written
     if not prompts:
         raise ReaudioError("no prompt given: reaudio generate \"a dog barks\" -o dog.wav (a prompt containing '=' "
                            "needs --prompt \"a=b\" or `--` before it)")

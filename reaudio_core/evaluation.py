@@ -15,10 +15,11 @@ Metrics, as audioldm_eval computes them:
 Scores are only comparable with the same feature model, sample rate and set size: every result
 names all three. Clips are read with soundfile (any format it reads), averaged to mono and
 resampled to the feature model's rate (with a note when rates differ); empty, unreadable,
-non-finite, silent and too-short clips are excluded and listed (too-short ones with a warning). Features are cached under
-``$REAUDIO_CACHE/features`` (default ``~/.cache/reaudio/features``) keyed on the sha256 of the
-file's bytes, the feature model's name and its fingerprint (weights + preprocessing), so a cache
-entry can never be stale: changed content is a different key.
+non-finite, silent and too-short (``database.min_duration``) clips are excluded and listed, too-short
+ones with a warning. Features are cached under ``$REAUDIO_CACHE/features`` (default
+``~/.cache/reaudio/features``) keyed on the sha256 of the file's bytes, the feature model's name and
+its fingerprint (weights + preprocessing), so a cache entry can never be stale: changed content is a
+different key.
 """
 from __future__ import annotations
 

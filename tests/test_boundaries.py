@@ -275,7 +275,7 @@ def test_evaluate_excludes_a_5ms_clip_with_a_warning(tmp_path, clips, capsys):
     assert all(Path(i["file"]).name != "tiny.wav" for i in out["items"])
 
 
-# -- the offline preset's audio encoder ---------------------------------------------------------------------------------
+# -- the offline preset's audio encoder ----------------------------------------------------------------------
 def test_offline_preset_audio_encoder_is_the_shipped_trained_one():
     from reaudio_core.config import build, compose
     from reaudio_core.pipeline import resolve_path
