@@ -27,7 +27,8 @@ def read_weights(path: str | Path) -> dict:
         try:
             return load_file(str(path))
         except Exception as exc:
-            raise ReaudioError(f"{path}: not a readable safetensors file ({exc})") from None
+            raise ReaudioError(f"{path}: not a readable safetensors file ({exc}); the weights are damaged or "
+                               "incomplete: re-save or re-copy them") from None
     import zipfile
     try:  # mmap (zip-format files only): a multi-GB Lightning checkpoint is not read whole into memory
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
@@ -57,10 +58,17 @@ def sub_state_dict(sd: dict, prefix: str) -> dict:
 
 
 def read_json(path: str | Path) -> dict:
+    """A component's JSON file (``config.json`` of a saved folder): a dict, or a :class:`ReaudioError`
+    naming the file and what to do when it is missing, unreadable or not a JSON object."""
+    hint = ("re-save the component (save_pretrained / `reaudio train`) or restore the file; a folder from "
+            "elsewhere must be the complete folder as written")
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReaudioError(f"cannot read {path}: {exc}") from None
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReaudioError(f"cannot read {path}: {exc}; {hint}") from None
+    if not isinstance(data, dict):
+        raise ReaudioError(f"{path}: expected a JSON object, found {type(data).__name__}; {hint}")
+    return data
 
 
 def _atomic(path: Path, write) -> None:

@@ -10,8 +10,10 @@ features are the latents of the same VAE the LDM works in.
     embed = L2-normalised mean over the latent frames (``dim = token_dim``).
 
 ``weights``: a directory written by the ``vae`` decoder's ``save_pretrained`` (e.g.
-``OUT/final/decoder`` of ``reaudio train`` with ``training.stage=vae``). ``null`` builds an
-untrained VAE from the ``vae`` registry defaults overlaid with ``vae`` (tests, shape checks).
+``OUT/final/decoder`` of ``reaudio train`` with ``training.stage=vae``), or ``pkg:PACKAGE/PATH`` for one
+shipped in a package (the offline preset names its own). ``null`` builds an untrained VAE from the
+``vae`` registry defaults overlaid with ``vae`` (tests, shape checks), with a warning; such an encoder
+has ``untrained = True`` and ``reaudio index build`` refuses to embed a database with it.
 :meth:`VaeLatentEncoder.save_pretrained` writes ``config.json`` + under ``vae/`` the VAE's
 ``config.json`` and only the weights this encoder runs (``encoder.*``, ``quant_conv.*``:
 about 40% of the VAE) as ``encoder.safetensors``, so a saved pipeline is self-contained without
@@ -19,7 +21,7 @@ a second full copy of the VAE. Deterministic (posterior mean, no sampling).
 """
 from __future__ import annotations
 
-import json
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -39,9 +41,11 @@ POOLS = ("avg", "avg+max")
 class VaeLatentEncoder(AudioEncoder):
     def __init__(self, *, weights, vae, num_tokens, pool, max_seconds, device):
         from reaudio_core.registry import get_registry
+        from reaudio_core.pipeline import resolve_path
         spec = get_registry().spec("decoder", "vae")
+        self.untrained = not weights
         if weights:
-            path = Path(weights)
+            path = resolve_path(weights)
             if not path.is_dir():
                 raise ReaudioError(f"vae-latent: weights={weights} is not a directory; give the VAE folder written by "
                                    "save_pretrained (OUT/final/decoder of `reaudio train` with training.stage=vae)")
@@ -50,6 +54,9 @@ class VaeLatentEncoder(AudioEncoder):
             else:
                 self.vae = spec.cls.from_pretrained(path, device=device)
         else:
+            warnings.warn("vae-latent: no weights given (audio_encoder.params.weights is null): the VAE encoder is "
+                          "untrained, so its embeddings and tokens are random projections of the mel; give "
+                          "weights=DIR (a trained VAE folder) for real features", stacklevel=2)
             self.vae = get_registry().create("decoder", "vae", **{**dict(vae or {}), "device": device})
         if not isinstance(num_tokens, int) or num_tokens < 1:
             raise ReaudioError(f"vae-latent: num_tokens must be an integer >= 1, got {num_tokens!r}")
@@ -143,7 +150,8 @@ class VaeLatentEncoder(AudioEncoder):
         if not cfg_file.is_file() or not (directory / VAE_DIR).is_dir():
             raise ReaudioError(f"{directory}: not a vae-latent folder (expected {CONFIG_FILE} and {VAE_DIR}/ written "
                                "by save_pretrained)")
-        params = {**json.loads(cfg_file.read_text(encoding="utf-8")), **overrides}
+        from reaudio_plugins._ckpt import read_json
+        params = {**read_json(cfg_file), **overrides}
         params["weights"] = str(directory / VAE_DIR)
         return cls(**params)
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+from pathlib import Path
 
 from .registry import ReaudioError
 
@@ -15,6 +17,39 @@ def _config_args(p: argparse.ArgumentParser, preset_default: str | None = "offli
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="YAML override file (repeatable, applied in order)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dot-overrides, e.g. retriever=hnswlib")
+
+
+def check_writable(path, what: str, folder: bool) -> None:
+    """Raise :class:`ReaudioError` unless ``path`` can be written: a ``folder`` (or a file) that exists and is
+    writable, or one that can be created (its nearest existing ancestor is a writable folder). Called before
+    any work, so an unwritable output fails in a second, not after minutes of embedding or sampling."""
+    p = Path(path).expanduser().absolute()
+    if p.exists() and folder and not p.is_dir():
+        raise ReaudioError(f"{what} {path} exists and is not a folder; choose a folder")
+    if p.exists() and not folder and p.is_dir():
+        raise ReaudioError(f"{what} {path} is a folder; give a file name")
+    base = p if p.is_dir() else p.parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise ReaudioError(f"cannot write {what} {path}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK) or (p.is_file() and not os.access(p, os.W_OK)):
+        raise ReaudioError(f"cannot write {what} {path}: {p if p.is_file() else base} is not writable "
+                           "(permissions or a read-only file system); choose another location")
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for an OSError: the path(s), the system's reason and the errno name."""
+    import errno
+    if exc.filename is None:
+        return str(exc)
+    where = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+    code = errno.errorcode.get(exc.errno or 0)
+    return f"{where}: {exc.strerror or exc}{f' [{code}]' if code else ''}"
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"reaudio: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 # -- plugins ------------------------------------------------------------------------
@@ -59,6 +94,7 @@ def cmd_check_plugin(args) -> int:
 def cmd_index_build(args) -> int:
     from .config import compose
     from .database import build_database
+    check_writable(args.out, "--out", folder=True)
     cfg = compose(args.preset or "offline", args.config, args.overrides)
     from .distributed import world_size_from_env
     if world_size_from_env() > 1:  # under torchrun: each rank embeds a shard, rank 0 writes
@@ -74,6 +110,8 @@ def cmd_index_build(args) -> int:
 
 def cmd_index_add(args) -> int:
     from .database import add_to_database
+    if Path(args.db).is_dir():
+        check_writable(args.db, "--db", folder=True)
     report = add_to_database(args.db, args.manifest, progress=not args.quiet)
     print(report.summary())
     return 0
@@ -108,6 +146,7 @@ def cmd_retrieve(args) -> int:
 
 def cmd_manifest(args) -> int:
     from .database import write_manifest
+    check_writable(args.out, "-o", folder=False)
     n = write_manifest(args.inputs, args.out)
     print(f"wrote {n} rows to {args.out}")
     return 0
@@ -127,28 +166,55 @@ def _slug(text: str, n: int = 40) -> str:
     return (re.sub(r"[^\w]+", "-", text.lower(), flags=re.UNICODE).strip("-")[:n] or "prompt")
 
 
-def cmd_generate(args) -> int:
-    from pathlib import Path
+MAX_CANDIDATES = 64  #: all candidates of all prompts are sampled in one batch: more is a memory error, not a result
 
+
+def check_generation(cfg: dict) -> None:
+    """The resolved ``generation`` numbers (flags and ``generation.*`` overrides alike): finite and in range,
+    checked before anything is sampled. Raises :class:`ReaudioError` naming the key and its flag."""
+    gen, most_steps = cfg["generation"], cfg["diffusion"]["num_train_timesteps"]
+    rules = {  # key: (integer?, test, what it must be)
+        "guidance": (False, lambda v: v >= 0, "a finite number >= 0 (1 = no guidance, 0 = the unconditional model)"),
+        "duration": (False, lambda v: v > 0, f"a finite number of seconds > 0 (at most {gen.get('max_duration')})"),
+        "steps": (True, lambda v: 1 <= v <= most_steps,
+                  f"an integer from 1 to {most_steps} (diffusion.num_train_timesteps)"),
+        "candidates": (True, lambda v: 1 <= v <= MAX_CANDIDATES, f"an integer from 1 to {MAX_CANDIDATES}"),
+        "seed": (True, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1"),
+    }
+    for key, (integer, test, what) in rules.items():
+        v = gen.get(key)
+        kinds = (int,) if integer else (int, float)
+        if isinstance(v, bool) or not isinstance(v, kinds) or not math.isfinite(v) or not test(v):
+            raise ReaudioError(f"generation.{key} (--{key}) must be {what}, got {v!r}")
+
+
+def cmd_generate(args) -> int:
     from .audio import save_wav
     from .config import compose, save_config
     from .pipeline import ReAudioPipeline
     prompts, overrides = _split_overrides(args.items)
+    prompts += args.prompt + getattr(args, "after_dashes", [])  # --prompt TEXT and words after `--`: as written
     if not prompts:
-        raise ReaudioError("no prompt given: reaudio generate \"a dog barks\" -o dog.wav")
+        raise ReaudioError("no prompt given: reaudio generate \"a dog barks\" -o dog.wav (a prompt containing '=' "
+                           "needs --prompt \"a=b\" or `--` before it)")
     for flag in ("seed", "steps", "guidance", "duration", "candidates"):
         value = getattr(args, flag)
         if value is not None:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ReaudioError(f"--{flag} must be a finite number, got {value}")
             overrides.append(f"generation.{flag}={value}")
-    if args.model:
-        pipe = ReAudioPipeline.from_pretrained(args.model, overrides, db=args.db)
-    else:
-        cfg = compose(args.preset or DEFAULT_GENERATE_PRESET, args.config, overrides)
-        pipe = ReAudioPipeline.from_config(cfg, db=args.db)
     out = Path(args.output)
     single = out.suffix.lower() == ".wav"
     if single and len(prompts) > 1:
         raise ReaudioError(f"{len(prompts)} prompts need an output directory, not the file {out}")
+    check_writable(out, "-o", folder=not single)
+    if args.model:
+        pipe = ReAudioPipeline.from_pretrained(args.model, overrides, db=args.db)
+        check_generation(pipe.cfg)
+    else:
+        cfg = compose(args.preset or DEFAULT_GENERATE_PRESET, args.config, overrides)
+        check_generation(cfg)
+        pipe = ReAudioPipeline.from_config(cfg, db=args.db)
     result = pipe(prompts, progress=not args.quiet)
     for note in result.warnings:
         print(f"note: {note}", file=sys.stderr)
@@ -181,6 +247,9 @@ def cmd_train(args) -> int:
     if not args.config and not args.preset:
         raise ReaudioError("reaudio train needs --config FILE (see configs/, e.g. configs/offline-vae.yaml)")
     cfg = compose(args.preset, args.config, args.overrides)
+    out = args.out or (cfg.get("training") or {}).get("out")
+    if out:
+        check_writable(out, "--out" if args.out else "training.out", folder=True)
     result = train(cfg, out=args.out, resume=args.resume, progress=not args.quiet)
     if result is not None:  # rank 0
         print(result.summary())
@@ -223,6 +292,7 @@ def cmd_evaluate(args) -> int:
                       classifier=classifier, classifier_params=cparams, clap=clap, prompts=args.prompts,
                       is_splits=args.is_splits or defaults.get("is_splits", 10),
                       silence_db=defaults.get("silence_db", -70.0), use_cache=not args.no_cache,
+                      min_duration=(get_registry().defaults.get("database") or {}).get("min_duration", 0.1),
                       progress=not args.quiet and not args.json)
     print(to_json(result) if args.json else to_markdown(result), end="" if not args.json else "\n")
     return 0
@@ -355,8 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_manifest)
 
     p = sub.add_parser("generate", help="text -> audio (WAV at 16 kHz)")
-    p.add_argument("items", nargs="+", metavar="PROMPT|key=value",
-                   help="one or more prompts, then optional key=value overrides")
+    p.add_argument("items", nargs="*", metavar="PROMPT|key=value",
+                   help="one or more prompts, then optional key=value overrides (a word like a=b is an override: "
+                        "give such a prompt with --prompt, or after `--`, where every word is a prompt)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a prompt taken as written, even with '=' in it (repeatable)")
     p.add_argument("-o", "--output", required=True, metavar="FILE.wav|DIR")
     p.add_argument("--preset", default=None, help="named preset (default: offline)")
     p.add_argument("--config", action="append", default=[], metavar="FILE")
@@ -436,7 +509,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    after_dashes: list[str] = []
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first == "generate" and "--" in argv:  # ``generate -o x.wav -- "a=b dog"``: every word after -- is a prompt
+        cut = argv.index("--")
+        argv, after_dashes = argv[:cut], argv[cut + 1:]
     args, extra = parser.parse_known_args(argv)
+    if args.command == "generate":
+        args.after_dashes = after_dashes
     # prompts and key=value overrides may come after options: ``generate "a dog" --seed 1 generation.k=1``
     target = "items" if hasattr(args, "items") else "overrides" if hasattr(args, "overrides") else None
     unknown = [e for e in extra if e.startswith("-") or target is None]
@@ -444,12 +525,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         setattr(args, target, list(getattr(args, target) or []) + extra)
+    import warnings
     try:
-        return args.func(args) or 0
-    except (ReaudioError, FileNotFoundError, ValueError) as exc:
+        with warnings.catch_warnings():  # a warning is one line too: "reaudio: warning: ..."
+            warnings.showwarning = _one_line_warning
+            return args.func(args) or 0
+    except (ReaudioError, OSError, ValueError) as exc:  # OSError: unwritable, missing or not-a-folder paths
         if args.traceback or os.environ.get("REAUDIO_TRACEBACK"):
             raise
-        print(f"reaudio: error: {exc}", file=sys.stderr)
+        text = _os_error(exc) if isinstance(exc, OSError) else str(exc)
+        print(f"reaudio: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("reaudio: interrupted", file=sys.stderr)

@@ -65,10 +65,14 @@ def _load_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ReaudioError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ReaudioError(f"config file {path} is a folder, not a YAML file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ReaudioError(f"{path}: not a text (UTF-8) YAML file ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise ReaudioError(f"{path}: invalid YAML: {exc}") from None
+        raise ReaudioError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ReaudioError(f"{path}: top level must be a mapping")
     return data

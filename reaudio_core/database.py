@@ -159,6 +159,17 @@ def _write_text_atomic(path: Path, text: str) -> None:
     _fsync_path(path.parent)
 
 
+def _read_json(path: Path, lines: bool = False):
+    """A JSON file (or, with ``lines``, a JSON-lines file) of a database version; anything unreadable is a
+    :class:`ReaudioError` naming the file and saying what to do."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        return [json.loads(line) for line in text.splitlines() if line.strip()] if lines else json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReaudioError(f"{path}: unreadable ({exc}); the database is damaged: rebuild it with "
+                           "`reaudio index build` (or restore the file from a copy)") from None
+
+
 def _pause(stage: str) -> None:
     if os.environ.get(PAUSE_ENV) == stage:
         print(f"reaudio-db: paused at {stage}", file=sys.stderr, flush=True)
@@ -255,6 +266,8 @@ def _pick(header: list[str], aliases: Sequence[str]) -> int | None:
 def read_manifest(path: str | Path) -> tuple[list[_Row], list[dict], int]:
     """Parse one manifest: ``(usable rows, skipped rows, rows read)``. Missing columns are errors."""
     path = Path(path)
+    if path.is_dir():
+        raise ReaudioError(f"manifest {path} is a folder; give a CSV file (reaudio manifest writes one)")
     if not path.is_file():
         raise ReaudioError(f"manifest not found: {path}")
     raw = path.read_bytes()
@@ -367,6 +380,17 @@ def _component(kind: str, entry: dict | None):
     return _COMPONENTS[key]
 
 
+def _refuse_untrained(cfg: dict, audio_enc) -> None:
+    """A database is never embedded by an encoder that says it is untrained (``untrained = True``, e.g.
+    ``vae-latent`` without weights): its vectors would be random projections, and neighbours chosen by them
+    meaningless. (Random weights asked for explicitly, such as ``random_init: true``, are not flagged.)"""
+    if getattr(audio_enc, "untrained", False):
+        name = cfg["audio_encoder"]["name"]
+        raise ReaudioError(f"audio_encoder {name!r} has no trained weights, and a database would store its random "
+                           f"embeddings: give them (audio_encoder.params.weights=DIR for {name}), or embed no audio "
+                           "(database.embed_audio=false with database.key=text and neighbour_modality=text->text)")
+
+
 def _describe(entry: dict | None) -> str | None:
     return None if entry is None else entry["name"]
 
@@ -429,6 +453,8 @@ class Database:
         if not root.exists():
             raise ReaudioError(f"no database at {root}: build one with "
                                f"`reaudio index build --manifest CSV --out {root}`")
+        if not root.is_dir():
+            raise ReaudioError(f"{root} is a file; a database is the folder `reaudio index build --out DIR` writes")
         version = _current(root)
         if version is None:
             if _versions(root) or any(p.name.startswith(".tmp-") for p in root.iterdir()):
@@ -440,13 +466,24 @@ class Database:
         if not _VERSION_RE.match(version) or not (vdir / "meta.json").is_file():
             raise ReaudioError(f"{root} is damaged: {POINTER} names '{version}', which is missing or incomplete. "
                                "Rebuild it with `reaudio index build`.")
-        meta = json.loads((vdir / "meta.json").read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ReaudioError(f"{vdir} was written by an unknown or newer format ({meta.get('format')} "
-                               f"v{meta.get('format_version')}); this reaudio reads {FORMAT} v{FORMAT_VERSION}")
-        config = load_config(vdir)
-        with open(vdir / "items.jsonl", encoding="utf-8") as f:
-            items = [json.loads(line) for line in f if line.strip()]
+        meta = _read_json(vdir / "meta.json")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ReaudioError(f"{vdir / 'meta.json'} was written by an unknown or newer format "
+                               f"({meta.get('format') if isinstance(meta, dict) else type(meta).__name__} "
+                               f"v{meta.get('format_version') if isinstance(meta, dict) else '?'}); this reaudio "
+                               f"reads {FORMAT} v{FORMAT_VERSION}. Rebuild it with `reaudio index build`.")
+        missing = [k for k in ("size", "key", "index", "text", "neighbours") if k not in meta]
+        if missing:
+            raise ReaudioError(f"{vdir / 'meta.json'} lacks {', '.join(missing)}; the database is damaged: rebuild it "
+                               "with `reaudio index build`")
+        try:
+            config = load_config(vdir)
+            if not all(isinstance(config.get(slot), dict) for slot in ("text_encoder", "retriever", "database")):
+                raise ReaudioError(f"{vdir / 'config.yaml'}: not a database configuration (no text_encoder, "
+                                   "retriever and database sections)")
+        except ReaudioError as exc:
+            raise ReaudioError(f"{exc}; the database is damaged: rebuild it with `reaudio index build`") from None
+        items = _read_json(vdir / "items.jsonl", lines=True)
         index = cls._load_index(vdir, meta)
         n = meta["size"]
         if len(items) != n or len(index) != n:
@@ -532,7 +569,7 @@ class Database:
 
     def report(self) -> dict:
         """The saved report of the build or add that produced this version."""
-        return json.loads((self.version_dir / "report.json").read_text(encoding="utf-8"))
+        return _read_json(self.version_dir / "report.json")
 
     # -- querying ---------------------------------------------------------------------------
     @property
@@ -596,7 +633,7 @@ class Database:
         meta_path = d / "meta.json"
         if not meta_path.is_file():
             return None
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = _read_json(meta_path)
         if meta.get("size") != len(self):
             return None
         return {k: np.load(d / f"{k}.npy", mmap_mode="r", allow_pickle=False) for k in meta["arrays"]}
@@ -833,6 +870,7 @@ def build_database(manifests: Sequence[str | Path], out: str | Path, cfg: dict, 
     _check_out_dir(root)
     text_enc = _component("text_encoder", cfg["text_encoder"])
     audio_enc = _component("audio_encoder", audio_encoder_entry(cfg))
+    _refuse_untrained(cfg, audio_enc)
     if db["key"] == "audio" and audio_enc.dim != text_enc.dim:
         raise ReaudioError(f"database.key=audio: prompts are embedded by text_encoder {cfg['text_encoder']['name']!r} "
                            f"({text_enc.dim}-d) and must share a space with audio_encoder "
@@ -841,7 +879,48 @@ def build_database(manifests: Sequence[str | Path], out: str | Path, cfg: dict, 
         raise ReaudioError(f"neighbour_modality text->audio needs a joint text-audio space; text_encoder is "
                            f"{text_enc.dim}-d, audio_encoder {audio_enc.dim}-d")
     index = get_registry().create("retriever", cfg["retriever"]["name"], **cfg["retriever"]["params"])
+    made = _missing_dirs(root)
+    had_lock = (root / LOCK).exists()
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        report = _build_locked(root, cfg, db, rows, skipped, n_rows, manifests, text_enc, audio_enc, index,
+                               embedded, progress, t0)
+    except BaseException:
+        _undo_failed_build(root, made, had_lock)
+        raise
+    report.seconds = time.time() - t0
+    return report
+
+
+def _missing_dirs(root: Path) -> list[Path]:
+    """The folders ``root.mkdir(parents=True)`` would create, deepest first."""
+    out, p = [], root.absolute()
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def _undo_failed_build(root: Path, made: list[Path], had_lock: bool) -> None:
+    """After a failed build: unless a database is live in ``root`` (it is never touched), remove the lock
+    file this build created and the folders it created, when they are empty (nothing else was put there)."""
+    try:
+        with _Lock(root):
+            if _current(root) is not None:
+                return
+            if not had_lock:
+                (root / LOCK).unlink(missing_ok=True)
+    except (ReaudioError, OSError):  # another build holds the lock (or the folder is gone): leave it all alone
+        return
+    for d in made:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (e.g. an interrupted version kept for the next build to clean): keep it
+            break
+
+
+def _build_locked(root, cfg, db, rows, skipped, n_rows, manifests, text_enc, audio_enc, index, embedded,
+                  progress, t0) -> Report:
     with _Lock(root):
         previous = _current(root)
         _clean_stale(root, keep={previous} - {None})
@@ -857,7 +936,6 @@ def build_database(manifests: Sequence[str | Path], out: str | Path, cfg: dict, 
         report.added = report.total = len(items)
         report.seconds = time.time() - t0
         _write_version(root, cfg, items, text, audio, index, report, progress, previous)
-    report.seconds = time.time() - t0
     return report
 
 
@@ -887,6 +965,7 @@ def add_to_database(db_dir: str | Path, manifests: Sequence[str | Path], progres
         rows, skipped, n_rows = rows + r, skipped + s, n_rows + n
     text_enc = _component("text_encoder", cfg["text_encoder"])
     audio_enc = _component("audio_encoder", audio_encoder_entry(cfg))
+    _refuse_untrained(cfg, audio_enc)
     if text_enc.dim != old.meta["text"]["dim"]:
         raise ReaudioError(f"text_encoder {cfg['text_encoder']['name']!r} now gives {text_enc.dim}-d embeddings; "
                            f"{root} holds {old.meta['text']['dim']}-d ones. Rebuild with `reaudio index build`.")

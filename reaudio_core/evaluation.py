@@ -15,10 +15,11 @@ Metrics, as audioldm_eval computes them:
 Scores are only comparable with the same feature model, sample rate and set size: every result
 names all three. Clips are read with soundfile (any format it reads), averaged to mono and
 resampled to the feature model's rate (with a note when rates differ); empty, unreadable,
-non-finite and silent clips are excluded and listed. Features are cached under
-``$REAUDIO_CACHE/features`` (default ``~/.cache/reaudio/features``) keyed on the sha256 of the
-file's bytes, the feature model's name and its fingerprint (weights + preprocessing), so a cache
-entry can never be stale: changed content is a different key.
+non-finite, silent and too-short (``database.min_duration``) clips are excluded and listed, too-short
+ones with a warning. Features are cached under ``$REAUDIO_CACHE/features`` (default
+``~/.cache/reaudio/features``) keyed on the sha256 of the file's bytes, the feature model's name and
+its fingerprint (weights + preprocessing), so a cache entry can never be stale: changed content is a
+different key.
 """
 from __future__ import annotations
 
@@ -108,6 +109,8 @@ class Clip:
 
 def scan(folder: str | Path, what: str, notes: list[str]) -> list[Clip]:
     folder = Path(folder)
+    if folder.is_file():
+        raise ReaudioError(f"{what} {folder} is a file; give the folder of {what} clips")
     if not folder.is_dir():
         raise ReaudioError(f"{what} folder not found: {folder}")
     clips: dict[str, Clip] = {}
@@ -123,8 +126,9 @@ def scan(folder: str | Path, what: str, notes: list[str]) -> list[Clip]:
     return list(clips.values())
 
 
-def read_clip(clip: Clip, sample_rate: int, silence_db: float) -> None:
-    """Fill ``sha256``, ``native_sr`` and ``wav`` (mono float32 at ``sample_rate``) or ``problem``."""
+def read_clip(clip: Clip, sample_rate: int, silence_db: float, min_duration: float = 0.0) -> None:
+    """Fill ``sha256``, ``native_sr`` and ``wav`` (mono float32 at ``sample_rate``) or ``problem`` (also for a
+    clip shorter than ``min_duration`` seconds, as ``reaudio index build`` skips one)."""
     data = clip.path.read_bytes()
     clip.sha256 = hashlib.sha256(data).hexdigest()
     if not data:
@@ -143,6 +147,9 @@ def read_clip(clip: Clip, sample_rate: int, silence_db: float) -> None:
     if not np.isfinite(wav).all():
         clip.problem = "non-finite samples"
         return
+    if len(wav) / sr < min_duration:
+        clip.problem = f"too short: {len(wav) / sr:.3f} s < {min_duration:g} s"
+        return
     peak = float(np.abs(wav).max())
     if peak <= 10 ** (silence_db / 20):
         clip.problem = f"silent: peak {20 * np.log10(peak + 1e-12):.1f} dBFS <= {silence_db:g} dBFS"
@@ -154,8 +161,9 @@ def read_clip(clip: Clip, sample_rate: int, silence_db: float) -> None:
 def read_prompts(path: str | Path) -> dict[str, str]:
     """``{file stem: prompt}`` from a CSV with a file column and a prompt column (header names flexible)."""
     path = Path(path)
-    if not path.exists():
-        raise ReaudioError(f"prompts CSV not found: {path}")
+    if not path.is_file():
+        raise ReaudioError(f"prompts CSV {path} is a folder; give the CSV file" if path.is_dir()
+                           else f"prompts CSV not found: {path}")
     rows = list(csv.DictReader(path.open(encoding="utf-8", newline="")))
     cols = {c.strip().lower(): c for c in (rows[0].keys() if rows else [])}
     fcol = next((cols[c] for c in FILE_COLUMNS if c in cols), None)
@@ -265,14 +273,16 @@ def _model(spec, params=None):
 def evaluate(generated: str | Path, reference: str | Path, *, features: Any = "esc50-classifier",
              classifier: Any = None, clap: Any = None, prompts: str | Path | dict | None = None,
              features_params: dict | None = None, classifier_params: dict | None = None,
-             is_splits: int = 10, silence_db: float = -70.0, use_cache: bool = True,
+             is_splits: int = 10, silence_db: float = -70.0, min_duration: float = 0.1, use_cache: bool = True,
              progress: bool = False) -> dict:
     """Score ``generated`` against ``reference``; returns a JSON-ready dict (see :func:`to_markdown`).
 
     ``features`` / ``classifier`` / ``clap``: registered feature-model names or instances.
     ``classifier`` (KL, IS) defaults to ``features`` when that has a classifier head. ``clap``
     (CLAP score) must provide ``embed_text``; by default the registered ``clap`` feature model is
-    used when ``prompts`` are given and it exists.
+    used when ``prompts`` are given and it exists. Clips shorter than ``min_duration`` seconds (the CLI passes
+    ``database.min_duration``) are excluded like silent ones, with a warning: their features would be mostly
+    padding.
     """
     notes: list[str] = []
     warnings: list[str] = []
@@ -310,12 +320,17 @@ def evaluate(generated: str | Path, reference: str | Path, *, features: Any = "e
     excluded = []
     for what, clips in sets.items():
         for c in clips:
-            read_clip(c, sr, silence_db)
+            read_clip(c, sr, silence_db, min_duration)
             if c.problem:
                 excluded.append({"set": what, "file": str(c.path), "reason": c.problem})
+        short = [c for c in clips if c.problem and c.problem.startswith("too short")]
+        if short:
+            warnings.append(f"{what}: {len(short)} clip(s) shorter than {min_duration:g} s excluded from every score: "
+                            + ", ".join(f"{c.path.name} ({c.problem})" for c in short[:5])
+                            + (" ..." if len(short) > 5 else ""))
         bad = [c for c in clips if c.problem]
         if bad:
-            notes.append(f"{what}: {len(bad)} clip(s) excluded (silent, empty or unreadable): "
+            notes.append(f"{what}: {len(bad)} clip(s) excluded (silent, too short, empty or unreadable): "
                          + ", ".join(f"{c.path.name} ({c.problem})" for c in bad[:5]) + (" ..." if len(bad) > 5 else ""))
         sets[what] = [c for c in clips if not c.problem]
         if not sets[what]:

@@ -166,7 +166,16 @@ class ReAudioPipeline:
             raise ReaudioError(f"{directory} is not a saved pipeline: config.yaml missing "
                                "(write one with save_pretrained or `reaudio train`)")
         saved = load_config(directory)
-        saved["generation"] = {**saved["generation"], "require_weights": False}
+        saved["generation"] = {**(saved.get("generation") or {}), "require_weights": False}
+        try:  # the saved configuration alone first, so that its faults name the file (and the user's overrides not)
+            lacking = [s for s in ("text_encoder", "denoiser", "decoder", "vocoder")
+                       if compose(None, [], [], base=saved).get(s) is None]
+            if lacking:
+                raise ReaudioError(f"no {', '.join(lacking)} configured")
+        except ReaudioError as exc:
+            raise ReaudioError(f"{directory / 'config.yaml'} is not a saved pipeline's configuration: {str(exc).rstrip('.')}. Use the "
+                               "folder as save_pretrained / `reaudio train` wrote it (OUT/final), or restore "
+                               "config.yaml") from None
         cfg = compose(None, [], overrides, base=saved)
         cfg["preset"] = saved.get("preset")
         return cls.from_config(cfg, model_dir=directory, db=db)

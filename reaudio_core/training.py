@@ -246,8 +246,10 @@ def read_manifest_clips(manifests: Sequence[str | Path]) -> tuple[list[Clip], li
 
 
 def scan_clips(clips: list[Clip], min_duration: float, keep_audio: bool, env: distributed.DistEnv,
-               progress: bool = False) -> ScanResult:
-    """Load every clip once; unreadable / empty / non-finite / too-short ones are skipped.
+               progress: bool = False, silence_db: float | None = None) -> ScanResult:
+    """Load every clip once; unreadable / empty / non-finite / too-short / silent ones are skipped, by the
+    rules ``reaudio index build`` applies (:func:`reaudio_core.audio.load_audio`; ``silence_db``: peak at or
+    below it in dBFS is silent, ``database.silence_db`` in a training run).
 
     With ``keep_audio`` every rank keeps all waveforms (each rank trains on all of them across
     epochs); otherwise the ranks check a shard each and share the verdicts.
@@ -260,7 +262,7 @@ def scan_clips(clips: list[Clip], min_duration: float, keep_audio: bool, env: di
         verdicts, audio = [], []
         for c in tqdm(part, desc="reading clips", disable=not progress, leave=False):
             try:
-                wav = load_audio(c.path, min_duration=min_duration)
+                wav = load_audio(c.path, min_duration=min_duration, silence_db=silence_db)
                 verdicts.append(None)
                 audio.append(wav if keep else None)
             except AudioProblem as exc:
@@ -727,8 +729,9 @@ class Stage:
         return clips
 
     def make_dataset(self, clips: list[Clip], want_wave: bool = False, multiple: int = 1) -> ClipDataset:
+        silence_db = (self.cfg.get("database") or {}).get("silence_db")  # index build's rule
         scan = scan_clips(clips, self.t["min_duration"], self.t["cache_audio"], self.env,
-                          self.progress and self.env.is_main)
+                          self.progress and self.env.is_main, silence_db=silence_db)
         self.skipped = self.skipped + scan.skipped
         if not scan.clips:
             raise ReaudioError(f"no usable training clip: all {len(clips)} were skipped "

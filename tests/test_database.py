@@ -135,7 +135,8 @@ def test_all_rows_bad_is_an_error_and_writes_nothing(tmp_path, warm_minilm):
     m = write_csv(tmp_path / "m.csv", "path,caption", ["nope.wav,missing clip"])
     with pytest.raises(ReaudioError, match="no usable items.*missing file"):
         build_database([m], tmp_path / "db", cfg_for(), progress=False)
-    with pytest.raises(ReaudioError, match="not a reaudio database"):
+    assert not (tmp_path / "db").exists()  # the folder the failed build created is removed again
+    with pytest.raises(ReaudioError, match="no database at"):
         Database.open(tmp_path / "db")
 
 
