@@ -12,8 +12,10 @@ and an unknown key is the same error either way. Parameters merge deeply: ``deno
 params.checkpoint=X`` changes that one value of the ``high`` entry and keeps the rest.
 
 ``weights`` is a record, not a setting: the pipeline writes there where each weighted slot's weights
-were read in the run that wrote the file (see :meth:`reaudio_core.pipeline.ReAudioPipeline.from_config`).
-A file may carry it (a saved configuration composes again); a ``key=value`` override of it is refused.
+were read in the run that wrote the file (see :mod:`reaudio_core.pipeline`). A file may carry it (a
+configuration saved beside an output composes again) but it is not carried over: the record of an
+earlier run is left out of the composed configuration, and the run that uses it records its own. A
+``key=value`` override of it is refused.
 """
 from __future__ import annotations
 
@@ -173,6 +175,7 @@ def compose(preset: str | None = None, files: Iterable[str | Path] = (), overrid
     layers += file_layers + dots
     for layer in layers:
         cfg = _merge(cfg, layer)
+    cfg.pop(RECORD_KEY, None)  # an earlier run's record: the run composing this writes its own
     cfg["preset"] = preset
     return validate(cfg, reg)
 

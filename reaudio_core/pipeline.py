@@ -151,14 +151,14 @@ class ReAudioPipeline:
         model_ref = model_dir or cfg["generation"].get("model")
         model_dir = resolve_path(model_ref)
         reg = get_registry()
-        if cfg["generation"].get("require_weights") and model_dir is None and not _weights_given(cfg):
+        if cfg["generation"].get("require_weights") and model_dir is None:
             raise ReaudioError(
                 f"preset '{cfg.get('preset')}' needs trained weights, and none were given. Supply a directory "
                 "written by save_pretrained / `reaudio train` with --model DIR (it must hold config.yaml and "
                 f"{', '.join(f'{s}/' for s in WEIGHTED_SLOTS if cfg.get(s))}), or point the components at real checkpoints "
                 "(e.g. denoiser.params.checkpoint=AudioLDM.ckpt or a diffusers folder, decoder.params.checkpoint=..., "
                 "vocoder.params.checkpoint=...) and set generation.require_weights=false.")
-        base = _baseline(cfg, model_dir)
+        bases = _baselines(cfg, model_dir)
         components, record = {}, {}
         for slot in SLOTS:
             entry = cfg.get(slot)
@@ -168,9 +168,9 @@ class ReAudioPipeline:
             weights = model_dir / slot if model_dir else None
             if weights is not None and weights.is_dir() and hasattr(spec.cls, "from_pretrained"):
                 components[slot], record[slot] = _load_slot(cfg, slot, weights, _ref(model_ref, model_dir, slot),
-                                                            (base or {}).get(slot) if base else None)
+                                                            bases[0].get(slot) if bases else None)
             elif (weights is not None and slot in WEIGHTED_SLOTS and hasattr(spec.cls, "from_pretrained")
-                  and _sources(SLOTS[slot], entry["params"]) is None):
+                  and not _asked_weights(SLOTS[slot], entry)):
                 raise ReaudioError(f"{model_dir} has no {slot}/ weights; expected {weights}/ "
                                    "(written by save_pretrained)")
             else:
@@ -188,7 +188,7 @@ class ReAudioPipeline:
                 raise ReaudioError(f"retrieval '{cfg['generation']['retrieval']}' needs a database: pass --db DIR "
                                    "(built with `reaudio index build`) or set generation.database")
             from .database import Database
-            database = Database.open(db, retriever=_retriever_change(cfg, base))
+            database = Database.open(db, retriever=_retriever_change(cfg, bases))
             cfg["retriever"] = database.retriever_entry
             cfg["generation"]["database"] = _ref(db_ref, db)
         pipe = cls(cfg, components, database)
@@ -290,7 +290,12 @@ class ReAudioPipeline:
 
     def _feature_key(self, stream: str) -> str:
         slot = "caption_encoder" if stream == "caption" else "audio_encoder"
-        files = sorted((self.model_dir / slot).rglob("*.safetensors")) if self.model_dir else []
+        source = (self.cfg.get(RECORD_KEY) or {}).get(slot)  # where this run read the encoder's weights
+        if RECORD_KEY not in self.cfg:  # built directly (not from_config): no record
+            source = self.model_dir / slot if self.model_dir else None
+        path = resolve_path(source) if isinstance(source, (str, Path)) else None
+        files = [] if path is None or not path.exists() else \
+            sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
         return feature_key(self.cfg, slot, files or None)
 
     def cache_features(self, batch_size: int = 16, progress: bool = True,
@@ -509,22 +514,24 @@ def _sources(kind: str, params: dict) -> str | dict | None:
     return parts or None
 
 
-def _weights_given(cfg: dict) -> bool:
-    return any(cfg.get(s) and _sources(SLOTS[s], cfg[s]["params"]) for s in WEIGHTED_SLOTS)
+def _asked_weights(kind: str, entry: dict) -> bool:
+    """Whether ``entry``'s own weights parameter names weights other than its registry default."""
+    defaults = get_registry().spec(kind, entry["name"], available=False).defaults
+    return any(entry["params"].get(k) and entry["params"][k] != defaults.get(k) for k in WEIGHT_KEYS)
 
 
-def _baseline(cfg: dict, model_dir: Path | None) -> dict | None:
-    """The configuration without the caller's changes: the model directory's saved one, else the preset's;
-    None when neither can be composed (nothing to compare with)."""
-    try:
-        if model_dir is not None and (model_dir / CONFIG_FILE).is_file():
-            saved = load_config(model_dir)
-            return compose(None, base={k: v for k, v in saved.items() if k not in ("preset", RECORD_KEY)})
-        if cfg.get("preset"):
-            return compose(cfg["preset"])
-    except ReaudioError:
-        pass
-    return None
+def _baselines(cfg: dict, model_dir: Path | None) -> list[dict]:
+    """The configurations ``cfg`` may have started from, before the caller's changes: the model directory's
+    saved one (first, when there is one), the preset's. Those that cannot be composed are left out."""
+    out = []
+    if model_dir is not None and (model_dir / CONFIG_FILE).is_file():
+        saved = load_config(model_dir)
+        with contextlib.suppress(ReaudioError):
+            out.append(compose(None, base={k: v for k, v in saved.items() if k not in ("preset", RECORD_KEY)}))
+    if cfg.get("preset"):
+        with contextlib.suppress(ReaudioError):
+            out.append(compose(cfg["preset"]))
+    return out
 
 
 def _changes(new: dict, old: dict, path: tuple = ()) -> dict[tuple, tuple]:
@@ -550,8 +557,8 @@ def _load_slot(cfg: dict, slot: str, folder: Path, folder_ref: str, base: dict |
     kind, entry = SLOTS[slot], cfg[slot]
     spec = reg.spec(kind, entry["name"])
     if base is not None and base["name"] != entry["name"]:
-        if _sources(kind, {k: v for k, v in entry["params"].items() if k in WEIGHT_KEYS}) is None:
-            raise ReaudioError(f"{slot} '{entry['name']}' cannot use the weights in {folder}: they are a "
+        if not _asked_weights(kind, entry):
+            raise ReaudioError(f"{slot} '{entry['name']}' cannot use the weights in {folder}: they were saved for "
                                f"'{base['name']}'. Give its weights ({slot}.params.checkpoint=PATH) or a model "
                                f"directory that holds one (--model DIR)")
         changes = {}
@@ -621,11 +628,13 @@ def _sync(cfg: dict, slot: str, component, asked: dict, source) -> None:
             params[key] = value
 
 
-def _retriever_change(cfg: dict, base: dict | None) -> dict | None:
-    """What the caller changed of the retriever against the baseline: ``{name?, params}`` or None."""
-    want, was = cfg.get("retriever"), (base or {}).get("retriever")
-    if want is None or was is None or want == was:
+def _retriever_change(cfg: dict, bases: list[dict]) -> dict | None:
+    """What the caller changed of the retriever, ``{name?, params}``, or None: nothing when it is the one of
+    a configuration ``cfg`` started from (the saved model's, the preset's), else the change from the first."""
+    want, olds = cfg.get("retriever"), [b["retriever"] for b in bases if b.get("retriever")]
+    if want is None or not olds or want in olds:
         return None
+    was = olds[0]
     if want["name"] != was["name"]:
         defaults = get_registry().resolve_params("retriever", want["name"], {})
         return {"name": want["name"], "params": {k: v for k, v in want["params"].items() if defaults.get(k) != v}}

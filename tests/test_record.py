@@ -130,6 +130,8 @@ def test_generate_with_db_records_the_databases_retriever(tmp_path, clip_factory
     assert saved["retriever"] == {"name": "torch", "params": {"dim": None, "threads": 0}}
     assert saved["generation"]["database"] == str((tmp_path / "db").resolve())
     assert saved["weights"]["decoder"] == "pkg:reaudio_plugins/weights/offline/decoder"
+    again = compose(None, [Path(str(out) + ".config.yaml")])  # composes again; a new run records its own weights
+    assert "weights" not in again and again["retriever"] == saved["retriever"]
 
 
 def test_unknown_keys_are_rejected_alike_in_files_and_overrides(tmp_path):
