@@ -436,18 +436,26 @@ class Database:
         self.config = config
         self.items = items
         self.index = index
+        self.retriever_entry = config.get("retriever")  #: the retriever searched (see open)
         self._text_encoder = text_encoder
         self._neighbours: Neighbours | None = None
         self._embeddings: dict[str, np.ndarray] = {}
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
-    def open(cls, directory: str | Path, text_encoder=None) -> "Database":
+    def open(cls, directory: str | Path, text_encoder=None, retriever=None) -> "Database":
         """Open the live version of ``directory``.
 
         ``text_encoder``: what the caller will query with. A TextEncoder instance is checked for its
         embedding dimension against the index; a config entry (``{name, params}`` or a name) is checked
         against the encoder the database was built with. A mismatch is a :class:`ReaudioError`.
+
+        The database decides its retriever: the one it was built with. ``retriever``: changes asked of it,
+        ``{name, params}`` (either may be absent) or a name. A search-time parameter (``ef_search``,
+        ``nprobe``, ``threads``) is applied; another retriever or a build-time parameter (index layout,
+        ``m``, ``nlist``, ...) is a :class:`ReaudioError` giving the ``reaudio index build`` command that makes
+        a database with it. :attr:`retriever_entry` is the retriever searched: ``{name, params}`` as saved in
+        the database's ``config.yaml``, with the applied changes.
         """
         root = Path(directory)
         if not root.exists():
@@ -484,7 +492,8 @@ class Database:
         except ReaudioError as exc:
             raise ReaudioError(f"{exc}; the database is damaged: rebuild it with `reaudio index build`") from None
         items = _read_json(vdir / "items.jsonl", lines=True)
-        index = cls._load_index(vdir, meta)
+        change = {"name": retriever} if isinstance(retriever, str) else dict(retriever or {})
+        index = cls._load_index(vdir, meta, change, lambda: _rebuild_hint(items, change, meta["index"]["name"]))
         n = meta["size"]
         if len(items) != n or len(index) != n:
             raise ReaudioError(f"{vdir} is inconsistent: meta says {n} items, items.jsonl has {len(items)}, "
@@ -492,17 +501,29 @@ class Database:
         if index.dim != meta["index"]["dim"]:
             raise ReaudioError(f"{vdir}: the index holds {index.dim}-d vectors, meta.json says {meta['index']['dim']}")
         db = cls(root, version, meta, config, items, index)
+        saved = config.get("retriever") or {}
+        db.retriever_entry = {"name": meta["index"]["name"],
+                              "params": {**(saved.get("params") or {}), **(change.get("params") or {})}}
         if text_encoder is not None:
             db.check_query_encoder(text_encoder)
         return db
 
     @staticmethod
-    def _load_index(vdir: Path, meta: dict):
+    def _load_index(vdir: Path, meta: dict, change: dict | None = None, hint=None):
         name = meta["index"]["name"]
+        change = change or {}
+        if change.get("name") not in (None, name):
+            raise ReaudioError(f"{vdir.parent} was built with the {name} retriever and cannot be searched with "
+                               f"retriever={change['name']}; build a database for it: {hint()}")
         spec = get_registry().spec("retriever", name)
+        params = dict(change.get("params") or {})
         try:
-            return spec.cls.load(vdir / "index")
-        except (OSError, ValueError, RuntimeError) as exc:
+            return spec.cls.load(vdir / "index", **params)
+        except (OSError, ValueError, RuntimeError, ReaudioError) as exc:
+            if params and not isinstance(exc, OSError):
+                raise ReaudioError(f"{vdir.parent}: retriever {params} cannot be applied to its {name} index ({exc}); "
+                                   f"only search-time parameters change after a build. Build a database with them: "
+                                   f"{hint()}") from None
             raise ReaudioError(f"cannot load the {name} index in {vdir / 'index'}: {exc}") from None
 
     def check_query_encoder(self, encoder) -> None:
@@ -681,6 +702,16 @@ class Database:
         os.replace(tmp, final)
         _fsync_path(base)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _rebuild_hint(items: list[dict], change: dict, name: str) -> str:
+    """The ``reaudio index build`` command that makes a database of ``items``' manifests with ``change``."""
+    manifests = list(dict.fromkeys(str(it.get("manifest")) for it in items if it.get("manifest")))
+    args = [f"--manifest {m}" for m in manifests] or ["--manifest CSV"]
+    sets = [f"retriever={change.get('name') or name}"]
+    sets += [f"retriever.params.{k}={json.dumps(v) if not isinstance(v, str) else v}"
+             for k, v in (change.get("params") or {}).items()]
+    return f"`reaudio index build {' '.join(args)} --out NEWDB {' '.join(sets)}`"
 
 
 # -- building ----------------------------------------------------------------------------

@@ -7,10 +7,25 @@
 Everything is a registered component built from a resolved configuration
 (:func:`reaudio_core.config.compose`); :meth:`ReAudioPipeline.save_pretrained` writes the
 configuration plus each component's weights, :meth:`ReAudioPipeline.from_pretrained` reads them.
+
+What ran is what is recorded: ``pipe.cfg`` (saved beside every output) is the configuration as it
+was applied. An override is applied or refused, never dropped (:meth:`ReAudioPipeline.from_config`
+says how), and the pipeline writes into it
+
+* ``weights``: per weighted slot (and any slot read from a model directory), where its weights were
+  read: ``MODEL/<slot>`` (``pkg:`` spelling kept), the path a ``checkpoint`` / ``weights`` /
+  ``pretrained`` parameter named, a mapping part -> path when the parts of one component came from
+  different places (``experts``: ``{high: PATH, low: MODEL/denoiser/low}``), or null when the
+  component was built from its parameters alone (random initialisation, or none to load: griffin-lim);
+* ``retriever``: the database's own retriever (name and parameters as saved in it, with the
+  search-time parameters this run changed), since the database decides it;
+* ``generation.model`` / ``generation.database``: the model directory and database actually used;
+* parameters a component took from its weights (e.g. a VAE's stored ``scale_factor``).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import unicodedata
 import warnings
@@ -22,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import SLOTS, build, compose, load_config, save_config
+from .config import CONFIG_FILE, RECORD_KEY, SLOTS, build, compose, load_config, save_config
 from .interfaces import SAMPLE_RATE, Conditioning
 from .registry import ReaudioError, get_registry
 
@@ -30,6 +45,8 @@ log = logging.getLogger("reaudio")
 
 RETRIEVAL_TYPES = ("none", "audio", "text", "audio+text")
 WEIGHTED_SLOTS = ("denoiser", "decoder", "vocoder", "audio_encoder")
+#: component parameters that name weights to load (the first one a component has is its weights key)
+WEIGHT_KEYS = ("checkpoint", "weights", "pretrained")
 MEL_FPS = 100  # mel frames per second (hop 160 at 16 kHz)
 MAX_PROMPT_CHARS = 2000
 
@@ -114,8 +131,25 @@ class ReAudioPipeline:
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_config(cls, cfg: dict, model_dir: str | Path | None = None, db: str | Path | None = None):
-        """Build every slot of ``cfg``; weights from ``model_dir/<slot>`` where present."""
-        model_dir = resolve_path(model_dir or cfg["generation"].get("model"))
+        """Build every slot of ``cfg``; weights from ``model_dir/<slot>`` where present.
+
+        What the caller changed is ``cfg`` against its baseline (the model directory's saved
+        ``config.yaml``, else the preset's own configuration). For a slot whose weights are in
+        ``model_dir/<slot>``:
+
+        * a weights parameter (``checkpoint`` / ``weights`` / ``pretrained``) is applied: the component is
+          built from its parameters with those weights instead (``experts``: ``high.params.checkpoint=X``
+          loads that expert from X, the other from ``model_dir/denoiser/low``);
+        * any other changed parameter goes to the component's ``from_pretrained(dir, **changes)`` and must
+          come back as asked; one it rejects or does not take (a size fixed by the weights) is refused;
+        * naming another component there is refused unless its weights are given too.
+
+        A retriever change must be one the database can honour (:meth:`Database.open`), else refused with
+        the command that builds a database for it. ``pipe.cfg`` records what ran (module docstring).
+        """
+        cfg = copy.deepcopy(cfg)
+        model_ref = model_dir or cfg["generation"].get("model")
+        model_dir = resolve_path(model_ref)
         reg = get_registry()
         if cfg["generation"].get("require_weights") and model_dir is None:
             raise ReaudioError(
@@ -124,7 +158,8 @@ class ReAudioPipeline:
                 f"{', '.join(f'{s}/' for s in WEIGHTED_SLOTS if cfg.get(s))}), or point the components at real checkpoints "
                 "(e.g. denoiser.params.checkpoint=AudioLDM.ckpt or a diffusers folder, decoder.params.checkpoint=..., "
                 "vocoder.params.checkpoint=...) and set generation.require_weights=false.")
-        components = {}
+        bases = _baselines(cfg, model_dir)
+        components, record = {}, {}
         for slot in SLOTS:
             entry = cfg.get(slot)
             if entry is None or slot == "retriever":
@@ -132,20 +167,30 @@ class ReAudioPipeline:
             spec = reg.spec(SLOTS[slot], entry["name"])
             weights = model_dir / slot if model_dir else None
             if weights is not None and weights.is_dir() and hasattr(spec.cls, "from_pretrained"):
-                components[slot] = spec.cls.from_pretrained(weights)
-            elif weights is not None and slot in WEIGHTED_SLOTS and hasattr(spec.cls, "from_pretrained"):
+                components[slot], record[slot] = _load_slot(cfg, slot, weights, _ref(model_ref, model_dir, slot),
+                                                            bases[0].get(slot) if bases else None)
+            elif (weights is not None and slot in WEIGHTED_SLOTS and hasattr(spec.cls, "from_pretrained")
+                  and not _asked_weights(SLOTS[slot], entry)):
                 raise ReaudioError(f"{model_dir} has no {slot}/ weights; expected {weights}/ "
                                    "(written by save_pretrained)")
             else:
                 components[slot] = build(cfg, slot)
+                record[slot] = _sources(SLOTS[slot], entry["params"])
+                _sync(cfg, slot, components[slot], {}, record[slot])
+        cfg[RECORD_KEY] = {s: r for s, r in record.items() if s in WEIGHTED_SLOTS or r is not None}
+        if model_dir is not None:
+            cfg["generation"]["model"] = _ref(model_ref, model_dir)
         database = None
-        db = resolve_path(db or cfg["generation"].get("database"))
+        db_ref = db or cfg["generation"].get("database")
+        db = resolve_path(db_ref)
         if cfg["generation"]["retrieval"] != "none":
             if not db:
                 raise ReaudioError(f"retrieval '{cfg['generation']['retrieval']}' needs a database: pass --db DIR "
                                    "(built with `reaudio index build`) or set generation.database")
             from .database import Database
-            database = Database.open(db)
+            database = Database.open(db, retriever=_retriever_change(cfg, bases))
+            cfg["retriever"] = database.retriever_entry
+            cfg["generation"]["database"] = _ref(db_ref, db)
         pipe = cls(cfg, components, database)
         pipe.model_dir = model_dir
         return pipe
@@ -187,7 +232,7 @@ class ReAudioPipeline:
             component = getattr(self, slot)
             if component is not None and hasattr(component, "save_pretrained"):
                 component.save_pretrained(directory / slot)
-        save_config(self.cfg, directory)
+        save_config({k: v for k, v in self.cfg.items() if k != RECORD_KEY}, directory)  # its weights are here
 
     def _check_wiring(self) -> None:
         d, gen = self.denoiser, self.cfg["generation"]
@@ -259,7 +304,12 @@ class ReAudioPipeline:
 
     def _feature_key(self, stream: str) -> str:
         slot = "caption_encoder" if stream == "caption" else "audio_encoder"
-        files = sorted((self.model_dir / slot).rglob("*.safetensors")) if self.model_dir else []
+        source = (self.cfg.get(RECORD_KEY) or {}).get(slot)  # where this run read the encoder's weights
+        if RECORD_KEY not in self.cfg:  # built directly (not from_config): no record
+            source = self.model_dir / slot if self.model_dir else None
+        path = resolve_path(source) if isinstance(source, (str, Path)) else None
+        files = [] if path is None or not path.exists() else \
+            sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
         return feature_key(self.cfg, slot, files or None)
 
     def cache_features(self, batch_size: int = 16, progress: bool = True,
@@ -445,6 +495,164 @@ class ReAudioPipeline:
 
 
 PKG_PREFIX = "pkg:"
+
+
+# -- applying and recording what the configuration asks of saved weights ------------------------------------
+def _ref(spec: str | Path, resolved: Path, *parts: str) -> str:
+    """How a record names ``resolved / parts``: the ``pkg:`` spelling when it was given so, else absolute."""
+    if str(spec).startswith(PKG_PREFIX):
+        return "/".join([str(spec).rstrip("/"), *parts])
+    return str(Path(resolved, *parts).expanduser().resolve())
+
+
+def _source(value) -> str:
+    """A weights parameter's value as recorded: an existing local path made absolute, else as given (an id)."""
+    path = Path(str(value)).expanduser()
+    return str(path.resolve()) if not str(value).startswith(PKG_PREFIX) and path.exists() else str(value)
+
+
+def _weight_key(kind: str, name: str) -> str | None:
+    params = get_registry().spec(kind, name, available=False).parameters()
+    return next((k for k in WEIGHT_KEYS if k in params), None)
+
+
+def _sources(kind: str, params: dict) -> str | dict | None:
+    """Where parameters alone point a component's weights: its weights key, else per nested component entry
+    (``{name, params}``, e.g. experts' high/low) theirs; None when they name none."""
+    for key in WEIGHT_KEYS:
+        if params.get(key):
+            return _source(params[key])
+    parts = {k: _sources(kind, v.get("params") or {}) for k, v in params.items()
+             if isinstance(v, dict) and "name" in v}
+    parts = {k: v for k, v in parts.items() if v is not None}
+    return parts or None
+
+
+def _asked_weights(kind: str, entry: dict) -> bool:
+    """Whether ``entry``'s own weights parameter names weights other than its registry default."""
+    defaults = get_registry().spec(kind, entry["name"], available=False).defaults
+    return any(entry["params"].get(k) and entry["params"][k] != defaults.get(k) for k in WEIGHT_KEYS)
+
+
+def _baselines(cfg: dict, model_dir: Path | None) -> list[dict]:
+    """The configurations ``cfg`` may have started from, before the caller's changes: the model directory's
+    saved one (first, when there is one), the preset's. Those that cannot be composed are left out."""
+    out = []
+    if model_dir is not None and (model_dir / CONFIG_FILE).is_file():
+        saved = load_config(model_dir)
+        with contextlib.suppress(ReaudioError):
+            out.append(compose(None, base={k: v for k, v in saved.items() if k not in ("preset", RECORD_KEY)}))
+    if cfg.get("preset"):
+        with contextlib.suppress(ReaudioError):
+            out.append(compose(cfg["preset"]))
+    return out
+
+
+def _changes(new: dict, old: dict, path: tuple = ()) -> dict[tuple, tuple]:
+    """Parameter paths where ``new`` differs from ``old`` -> (new value, old value); mappings are walked."""
+    out = {}
+    for key in [*new, *(k for k in old if k not in new)]:
+        a, b = new.get(key), old.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(_changes(a, b, path + (key,)))
+        elif a != b:
+            out[path + (key,)] = (a, b)
+    return out
+
+
+def _dotted(slot: str, path: tuple) -> str:
+    return ".".join((slot, "params", *path))
+
+
+def _load_slot(cfg: dict, slot: str, folder: Path, folder_ref: str, base: dict | None):
+    """``(component, weights record)`` for a slot whose saved weights are in ``folder``, applying or refusing
+    every change of ``cfg[slot]`` against ``base`` (the slot's entry in the baseline configuration)."""
+    reg = get_registry()
+    kind, entry = SLOTS[slot], cfg[slot]
+    spec = reg.spec(kind, entry["name"])
+    if base is not None and base["name"] != entry["name"]:
+        if not _asked_weights(kind, entry):
+            raise ReaudioError(f"{slot} '{entry['name']}' cannot use the weights in {folder}: they were saved for "
+                               f"'{base['name']}'. Give its weights ({slot}.params.checkpoint=PATH) or a model "
+                               f"directory that holds one (--model DIR)")
+        changes = {}
+    elif base is not None:
+        changes = {p: v for p, (v, _) in _changes(entry["params"], base["params"]).items()}
+    else:  # no saved configuration to compare with: only weights parameters are known to be asked for
+        changes = {(k,): v for k, v in entry["params"].items() if k in WEIGHT_KEYS and v}
+    weights = {p: v for p, v in changes.items() if p[-1] in WEIGHT_KEYS and v is not None}
+    other = {p: v for p, v in changes.items() if p[-1] not in WEIGHT_KEYS}
+    if any(len(p) == 1 for p in weights) or (base is not None and base["name"] != entry["name"]):
+        component = build(cfg, slot)  # its own weights instead of the folder's
+        source = _sources(kind, entry["params"])
+    elif weights:  # a part's weights (experts' high / low): the other parts keep the folder's
+        params = copy.deepcopy(entry["params"])
+        source = {}
+        for key, part in params.items():
+            if not (isinstance(part, dict) and "name" in part):
+                continue
+            given = _sources(kind, part.get("params") or {})
+            wkey = _weight_key(kind, part["name"])
+            if given is None and wkey and (folder / key).is_dir():
+                part["params"] = {**(part.get("params") or {}), wkey: str(folder / key)}
+                given = f"{folder_ref}/{key}"
+            source[key] = given
+        component = reg.create(kind, entry["name"], **params)
+    else:
+        nested = [p for p in other if len(p) > 1]
+        if nested:
+            p = nested[0]
+            raise ReaudioError(f"{_dotted(slot, p)}={other[p]!r} cannot be applied to the {slot} loaded from {folder}: "
+                               f"the parts of a saved component keep their saved parameters. Give that part its own "
+                               f"weights ({_dotted(slot, (p[0], 'params', 'checkpoint'))}=PATH) or leave it as saved")
+        overrides = {p[0]: v for p, v in other.items()}
+        try:
+            component = spec.cls.from_pretrained(folder, **overrides)
+        except (ReaudioError, TypeError, ValueError) as exc:
+            if not overrides:
+                raise
+            asked = ", ".join(f"{_dotted(slot, (k,))}={v!r}" for k, v in overrides.items())
+            raise ReaudioError(f"{asked} cannot be applied to the {slot} loaded from {folder} ({exc}). Give weights "
+                               f"that fit it ({slot}.params.checkpoint=PATH) or leave it as saved") from None
+        source = folder_ref
+    _sync(cfg, slot, component, other, source)
+    return component, source
+
+
+def _sync(cfg: dict, slot: str, component, asked: dict, source) -> None:
+    """Refuse a change ``asked`` (path -> value) that the loaded component does not report back; record the
+    parameters it took from its weights (top-level values the configuration states otherwise)."""
+    from .training import _params_of
+    reported = _params_of(component) if source is not None else None
+    if not reported:
+        return
+    missing = object()
+    for path, value in asked.items():
+        got = reported
+        for key in path:
+            got = got.get(key, missing) if isinstance(got, dict) else missing
+        if path[-1] != "device" and got is not missing and got != value:
+            raise ReaudioError(f"{_dotted(slot, path)}={value!r} was not applied: the {slot} loaded from {source} has "
+                               f"{'.'.join(path)}={got!r}, fixed by its weights. Give weights that fit it "
+                               f"({slot}.params.checkpoint=PATH) or leave it as saved")
+    params = cfg[slot]["params"]
+    for key, value in reported.items():
+        if key in params and key not in (*WEIGHT_KEYS, "device") and not isinstance(value, dict) \
+                and params[key] != value:
+            params[key] = value
+
+
+def _retriever_change(cfg: dict, bases: list[dict]) -> dict | None:
+    """What the caller changed of the retriever, ``{name?, params}``, or None: nothing when it is the one of
+    a configuration ``cfg`` started from (the saved model's, the preset's), else the change from the first."""
+    want, olds = cfg.get("retriever"), [b["retriever"] for b in bases if b.get("retriever")]
+    if want is None or not olds or want in olds:
+        return None
+    was = olds[0]
+    if want["name"] != was["name"]:
+        defaults = get_registry().resolve_params("retriever", want["name"], {})
+        return {"name": want["name"], "params": {k: v for k, v in want["params"].items() if defaults.get(k) != v}}
+    return {"params": {k: v for k, v in want["params"].items() if was["params"].get(k) != v}}
 
 
 def resolve_path(value: str | Path | None) -> Path | None:
