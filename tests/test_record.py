@@ -54,7 +54,8 @@ def random_weights(tmp_path_factory):
 
 def test_shipped_run_records_its_weights_and_retriever(shipped):
     rec = shipped.cfg["weights"]
-    assert rec == {"audio_encoder": "pkg:reaudio_plugins/weights/offline/audio_encoder",
+    # the preset names its audio encoder's trained VAE itself (audio_encoder.params.weights), so that is what ran
+    assert rec == {"audio_encoder": "pkg:reaudio_plugins/weights/offline/audio_encoder/vae",
                    "denoiser": "pkg:reaudio_plugins/weights/offline/denoiser",
                    "decoder": "pkg:reaudio_plugins/weights/offline/decoder", "vocoder": None}
     assert shipped.cfg["retriever"] == shipped.database.config["retriever"]
