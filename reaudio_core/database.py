@@ -134,6 +134,9 @@ class Neighbours(NamedTuple):
     modality: str  #: "text->text" | "text->audio" | "audio->audio"
 
 
+_write_text_atomic = atomic_write_text  # the old name, still imported by reaudio_core/experiment.py
+
+
 def _read_json(path: Path, lines: bool = False):
     """A JSON file (or, with ``lines``, a JSON-lines file) of a database version; anything unreadable is a
     :class:`ReaudioError` naming the file and saying what to do."""
