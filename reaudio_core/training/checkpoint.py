@@ -110,4 +110,3 @@ def latest_checkpoint(out: str | Path) -> tuple[Path, dict] | None:
         except ReaudioError as exc:
             print(f"warning: {exc}; trying an older checkpoint", file=sys.stderr)
     return None
-

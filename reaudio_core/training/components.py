@@ -22,7 +22,6 @@ def torch_module(component, what: str) -> nn.Module:
                        "others trains one part at a time: name that part's component in the config; docs/training.md)")
 
 
-
 def load_or_build(cfg: dict, slot: str):
     """The component in ``slot``, built from its entry. Weights come through the component's own
     parameters (``checkpoint: DIR`` for vae, hifigan, unet-ldm; ``weights: DIR`` for vae-latent), e.g.
@@ -75,5 +74,3 @@ def move_component(component, device: torch.device) -> None:
         component.to(device)
     elif isinstance(component, nn.Module):
         component.to(device)
-
-

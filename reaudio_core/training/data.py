@@ -197,4 +197,3 @@ def write_skip_report(out: Path, skipped: list[tuple[str, str]]) -> None:
     w.writerow(["path", "reason"])
     w.writerows(skipped)
     atomic_write_text(out / SKIP_REPORT, buf.getvalue())
-

@@ -212,4 +212,3 @@ class VocoderObjective(nn.Module):
         mel_l1 = (mel_hat[:, :t] - mel[:, :t]).abs().mean()
         stft = self.stft_loss(y_hat, wave) if self.stft_weight else mel_l1.new_zeros(())
         return {"loss": mel_l1 + self.stft_weight * stft, "mel_l1": mel_l1.detach(), "stft": stft.detach()}
-

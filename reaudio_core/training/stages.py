@@ -134,4 +134,3 @@ class VocoderStage(Stage):
     def export(self, final: Path) -> None:
         self.vocoder.save_pretrained(final / "vocoder")
         save_config(self.export_cfg(), final)
-

@@ -48,7 +48,6 @@ class NonFiniteLoss(ReaudioError):
     """Training stopped on a NaN/inf loss; the last good checkpoint is untouched."""
 
 
-
 def select_trainable(stage: "Stage", trainable: str) -> None:
     """``training.trainable``: ``all`` leaves the stage's choice (everything it trains); ``retrieval`` (ldm
     stage) sets ``requires_grad`` False on every parameter of the objective except the denoiser's retrieval
