@@ -75,6 +75,7 @@ from tqdm import tqdm  # noqa: E402
 from reaudio_core.config import build, compose  # noqa: E402
 from reaudio_core.database import build_database  # noqa: E402
 from reaudio_core.interfaces import Conditioning  # noqa: E402
+from reaudio_core.io import atomic_write, atomic_write_text  # noqa: E402
 from reaudio_core.pipeline import ReAudioPipeline, make_scheduler  # noqa: E402
 from reaudio_core.registry import ReaudioError, get_registry  # noqa: E402
 
@@ -789,16 +790,8 @@ def plot(results: list[dict], path: Path) -> None:
         ax2.grid(True, alpha=0.3)
         ax2.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # -- main ----------------------------------------------------------------------------------------------
@@ -936,13 +929,13 @@ def run(args) -> dict:
     md += ["", "![time per stage and steps sweep](generation.png)", ""]
     text = "\n".join(md)
     print(text)
-    write_atomic(out / "generation.md", text)
+    atomic_write_text(out / "generation.md", text)
     plot(results, out / "generation.png")
     result = {"results": results, "targets": status, "cpu_flags": args.cpu_flags, "bf16_probe": args.bf16_probe,
               "issue_reference": ISSUE_REFERENCE, "threads": args.threads, "repeats": args.repeats,
               "target_steps": args.target_steps, "encoders": args.encoders, "bf16": args.bf16, "quick": args.quick,
               "total_s": total, "load_average": [load[0], os.getloadavg()[0]], "versions": versions, "cpu": cpu}
-    write_atomic(out / "generation.json", json.dumps(result, indent=1, default=str))
+    atomic_write_text(out / "generation.json", json.dumps(result, indent=1, default=str))
     print(f"# wrote {out / 'generation.md'}, {out / 'generation.png'}, {out / 'generation.json'} in "
           f"{total / 60:.1f} min", file=sys.stderr)
     return result

@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from reaudio_core.io import atomic_write, atomic_write_text  # noqa: E402
 from reaudio_core.registry import create, get_registry  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,9 +122,11 @@ def audiocaps(root: Path, cache: Path, n_train: int | None, n_test: int | None) 
         q = embed_captions(encoder, test, "embed AudioCaps test")
         del encoder
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, train=x, test=q)
-        os.replace(tmp, path)
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, train=x, test=q)
+        atomic_write(path, write)
         print(f"# audiocaps: embeddings cached in {path}", file=sys.stderr)
         note = f"embedded in {time.perf_counter() - started:.0f} s, now cached"
     distinct = len(np.unique(x, axis=0))
@@ -492,16 +495,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -625,12 +620,12 @@ def main(argv=None) -> dict:
     md += ["", "## Targets", ""] + target_lines + ["", "![recall vs queries/s](retrievers.png)", ""]
     text = "\n".join(md)
     print(text)
-    write_atomic(out / "retrievers.md", text)
+    atomic_write_text(out / "retrievers.md", text)
     plot(rows, out / "retrievers.png")
     result = {"rows": rows, "datasets": datasets, "bandwidth_gbps": bw.best(), "bandwidth_kernels": bw.per_kernel(),
               "bandwidth_single_core_gbps": bw.best_single_core(), "threads": threads, "targets": status,
               "total_s": total, "quick": quick}
-    write_atomic(out / "retrievers.json", json.dumps(result, indent=1, default=str))
+    atomic_write_text(out / "retrievers.json", json.dumps(result, indent=1, default=str))
     print(f"# wrote {out / 'retrievers.md'}, {out / 'retrievers.png'}, {out / 'retrievers.json'} "
           f"in {total / 60:.1f} min", file=sys.stderr)
     return result

@@ -2,19 +2,18 @@
 
 Weights are read only from safetensors or with ``torch.load(..., weights_only=True)``; a
 pickle that holds anything other than tensors and plain containers is refused. Writes are
-atomic (temporary file in the same folder, then ``os.replace``).
+atomic (:func:`reaudio_core.io.atomic_write`).
 """
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
 from reaudio_core import ReaudioError
+from reaudio_core.io import atomic_write
 
 
 def read_weights(path: str | Path) -> dict:
@@ -71,27 +70,15 @@ def read_json(path: str | Path) -> dict:
     return data
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: str | Path, data: dict) -> None:
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n",
-                                                           encoding="utf-8"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n",
+                                                        encoding="utf-8"))
 
 
 def write_safetensors(path: str | Path, state_dict: dict) -> None:
     from safetensors.torch import save_file
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def load_strict(module: torch.nn.Module, state_dict: dict, what: str, hint: str = "") -> None:

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from reaudio_core.io import atomic_write  # noqa: F401  (the retrievers' writer, re-exported)
 from reaudio_core.registry import ReaudioError
 
 
@@ -42,22 +41,6 @@ def pad_results(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray
         scores = np.concatenate([scores, np.full((q, k - ids.shape[1]), -np.inf, np.float32)], 1)
         ids = np.concatenate([ids, np.full((q, k - ids.shape[1]), -1, np.int64)], 1)
     return scores, ids
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` to fill a temporary file beside ``path``, fsync it, then rename it over
-    ``path``: a reader (or a process killed mid-write) sees the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}

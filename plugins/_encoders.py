@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
-import shutil
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,6 +22,7 @@ import numpy as np
 import torch
 
 from reaudio_core import ReaudioError
+from reaudio_core.io import atomic_dir  # noqa: F401  (save_pretrained's folder writer, re-exported)
 from reaudio_core.optional import require
 
 CONFIG_FILE = "config.json"
@@ -264,27 +262,6 @@ def shared(key: dict, build: Callable[[], Any]) -> _Holder:
 
 
 # -- save_pretrained / from_pretrained ------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_dir(directory: str | Path):
-    """Yield a temporary sibling folder; on success it replaces ``directory`` (an interrupted
-    write leaves the previous folder or nothing)."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=str(directory.parent)))
-    try:
-        yield tmp
-        old = None
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_component_config(directory: Path, kwargs: dict) -> None:
     from ._ckpt import write_json
     write_json(directory / CONFIG_FILE, kwargs)

@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 
 from .audio import AudioProblem, load_audio
 from .config import compose, load_config, save_config
+from .io import atomic_write_text, fsync_path, fsync_tree, replace_dir
 from .registry import ReaudioError, closest, get_registry
 
 FORMAT = "reaudio-db"
@@ -133,30 +134,7 @@ class Neighbours(NamedTuple):
     modality: str  #: "text->text" | "text->audio" | "audio->audio"
 
 
-# -- small filesystem helpers ------------------------------------------------------------
-def _fsync_path(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
+_write_text_atomic = atomic_write_text  # the old name, still imported by reaudio_core/experiment.py
 
 
 def _read_json(path: Path, lines: bool = False):
@@ -354,7 +332,7 @@ def write_manifest(input_csvs: Sequence[str | Path], out_csv: str | Path) -> int
             rel = r.path
         writer.writerow([rel, r.caption, r.label or ""])
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(out.resolve(), buf.getvalue())
+    atomic_write_text(out.resolve(), buf.getvalue())
     return len(rows)
 
 
@@ -694,14 +672,7 @@ class Database:
         (tmp / "meta.json").write_text(json.dumps({"size": len(self), "arrays": sorted(clean),
                                                    "shapes": {k: list(a.shape) for k, a in clean.items()},
                                                    "info": info or {}, "created": time.time()}, indent=2))
-        _fsync_tree(tmp)
-        final = base / name
-        old = base / f".old-{name}-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_path(base)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, base / name)
 
 
 def _rebuild_hint(items: list[dict], change: dict, name: str) -> str:
@@ -860,12 +831,12 @@ def _write_version(root: Path, cfg: dict, items: list[dict], text: np.ndarray, a
             "sample_rate": db["sample_rate"],
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         _pause("written")
         os.rename(tmp, root / version)
-        _fsync_path(root)
+        fsync_path(root)
         _pause("renamed")
-        _write_text_atomic(root / POINTER, version + "\n")
+        atomic_write_text(root / POINTER, version + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -278,11 +278,11 @@ def test_a_failed_checkpoint_write_never_damages_the_previous_one(tmp_path, monk
         f.truncate(f.tell() // 2)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(T.torch, "save", broken_save)
+    monkeypatch.setattr(torch, "save", broken_save)
     for step in (4, 6):  # overwrite the same step, and write a newer one
         with pytest.raises(OSError):
             T.save_checkpoint(tmp_path, {**good, "step": step, "model": {"w": torch.zeros(6)}})
-    monkeypatch.setattr(T.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     assert path.read_bytes() == before
     assert [s for s, _ in T.list_checkpoints(tmp_path)] == [4]
     assert sorted(p.name for p in (tmp_path / T.CHECKPOINT_DIR).iterdir()) == [path.name]  # no temp files left
