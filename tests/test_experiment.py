@@ -1,4 +1,4 @@
-"""`reaudio experiment` and the long-tail report (reaudio_core/experiment.py, reaudio_core/longtail.py).
+"""`reaudio experiment` and the long-tail report (reaudio_core/experiment/, reaudio_core/longtail.py).
 
 The end-to-end test runs a micro grid (4 synthetic classes of 2 clips, MiniLM, tiny VAE / UNet,
 Griffin-Lim, 3 training steps, 0.32 s clips) through training, generation, evaluation and reporting,
