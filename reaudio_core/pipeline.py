@@ -622,7 +622,7 @@ def _load_slot(cfg: dict, slot: str, folder: Path, folder_ref: str, base: dict |
 def _sync(cfg: dict, slot: str, component, asked: dict, source) -> None:
     """Refuse a change ``asked`` (path -> value) that the loaded component does not report back; record the
     parameters it took from its weights (top-level values the configuration states otherwise)."""
-    from .training import _params_of
+    from .training.components import _params_of
     reported = _params_of(component) if source is not None else None
     if not reported:
         return

@@ -57,9 +57,8 @@ def _listify(value) -> list:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    from ..database import _write_text_atomic
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(path, text)
+    from ..io import atomic_write_text
+    atomic_write_text(path, text)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -106,16 +105,15 @@ def _dotlist(section: str, values: dict) -> list[str]:
 def load_experiment(path: str | Path, overrides: Sequence[str] = (), out: str | Path | None = None) -> dict:
     """The experiment file with ``key=value`` overrides applied, defaults filled, ``{out}`` substituted."""
     import yaml
-    from omegaconf import OmegaConf
-    from ..config import _load_file
+    from ..config import _load_file, parse_dotlist
     path = Path(path)
     data = _load_file(path)
-    for item in overrides:
-        if "=" not in item:
-            raise ReaudioError(f"override '{item}' is not of the form key=value")
-    if overrides:
-        data = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(data), OmegaConf.from_dotlist(list(overrides))),
-                                      resolve=True)
+
+    def merged(base: dict, layer: dict) -> dict:  # mappings merge key by key; any other value replaces
+        return {**base, **{k: merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                           for k, v in layer.items()}}
+    if overrides:  # read as YAML values exactly like a file's (a tag such as !!python/... is an error, never run)
+        data = merged(data, parse_dotlist(overrides))
     spec = _merge_defaults(DEFAULTS, data, "")
     spec["name"] = spec["name"] or path.stem
     spec["config_file"] = str(path)
