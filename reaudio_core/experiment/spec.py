@@ -104,7 +104,6 @@ def _dotlist(section: str, values: dict) -> list[str]:
 # -- loading --------------------------------------------------------------------------------------------
 def load_experiment(path: str | Path, overrides: Sequence[str] = (), out: str | Path | None = None) -> dict:
     """The experiment file with ``key=value`` overrides applied, defaults filled, ``{out}`` substituted."""
-    import yaml
     from ..config import _load_file, parse_dotlist
     path = Path(path)
     data = _load_file(path)
