@@ -315,9 +315,9 @@ def cmd_bench(args) -> int:
     benchmarks/ is not part of an installed wheel: without it, one line says so."""
     import importlib
     root = Path(__file__).resolve().parent.parent
-    script = root / "benchmarks" / f"{args.which}.py"
-    if not script.exists():
-        raise ReaudioError(f"benchmark script not found: {script} (benchmarks run from a source checkout)")
+    script = root / "benchmarks" / args.which  # a module benchmarks/NAME.py or a package benchmarks/NAME/
+    if not (script.with_suffix(".py").exists() or (script / "__init__.py").exists()):
+        raise ReaudioError(f"benchmark not found: {script} (benchmarks run from a source checkout)")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     importlib.import_module(f"benchmarks.{args.which}").main(list(args.rest))
