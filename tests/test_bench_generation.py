@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/generation.py (--quick, through `reaudio bench generation`) and its argument checks."""
+"""Smoke test of benchmarks/generation/ (--quick, through `reaudio bench generation`) and its argument checks."""
 import json
 import math
 
@@ -9,7 +9,7 @@ from reaudio_core.cli import main as cli
 
 @pytest.fixture(scope="module")
 def bench():
-    """benchmarks/generation.py, the module `reaudio bench generation` imports."""
+    """benchmarks/generation/, the module `reaudio bench generation` imports."""
     import benchmarks.generation
     return benchmarks.generation
 

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/retrievers.py (--quick, through `reaudio bench retrievers`) and its recall rule."""
+"""Smoke test of benchmarks/retrievers/ (--quick, through `reaudio bench retrievers`) and its recall rule."""
 import json
 
 import numpy as np
@@ -10,7 +10,7 @@ from reaudio_core.registry import get_registry
 
 @pytest.fixture(scope="module")
 def bench():
-    """benchmarks/retrievers.py, the module `reaudio bench retrievers` imports."""
+    """benchmarks/retrievers/, the module `reaudio bench retrievers` imports."""
     import benchmarks.retrievers
     return benchmarks.retrievers
 
