@@ -464,7 +464,7 @@ class Database:
         name = meta["index"]["name"]
         spec = get_registry().spec("retriever", name)
         try:
-            return spec.cls.load(vdir / "index")
+            return get_registry().wrap("retriever", name, spec.cls.load(vdir / "index"))
         except (OSError, ValueError, RuntimeError) as exc:
             raise ReaudioError(f"cannot load the {name} index in {vdir / 'index'}: {exc}") from None
 

@@ -92,7 +92,8 @@ class TextEncoder(ABC):
 
     @abstractmethod
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        """``[B, dim]`` float32, each row L2-normalised. Deterministic."""
+        """``[B, dim]`` float32, each row L2-normalised (norm 1 +- 1e-3). Deterministic. A text without letters or
+        digits (e.g. the empty text, the unconditional prompt) may give an all-zero row instead."""
 
     @abstractmethod
     def encode_tokens(self, texts: Sequence[str], max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +115,8 @@ class AudioEncoder(ABC):
 
     @abstractmethod
     def embed(self, waveforms: Sequence[np.ndarray]) -> torch.Tensor:
-        """``waveforms``: 1-D float32 arrays at 16 kHz, any length > 0. ``[B, dim]``, L2-normalised."""
+        """``waveforms``: 1-D float32 arrays at 16 kHz, any length > 0. ``[B, dim]``, L2-normalised (an all-zero
+        waveform may give an all-zero row)."""
 
     @abstractmethod
     def encode_tokens(self, waveforms: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

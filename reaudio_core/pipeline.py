@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import checks
 from .config import SLOTS, build, compose, load_config, save_config
 from .interfaces import SAMPLE_RATE, Conditioning
 from .registry import ReaudioError, get_registry
@@ -95,6 +96,7 @@ def clean_prompt(prompt: str) -> tuple[str, list[str]]:
 
 class ReAudioPipeline:
     model_dir: Path | None = None
+    notes: tuple[str, ...] = ()  #: load-time notes (e.g. another encoder than the model's), in every Generation
 
     def __init__(self, cfg: dict, components: dict, database=None):
         self.cfg = cfg
@@ -132,7 +134,7 @@ class ReAudioPipeline:
             spec = reg.spec(SLOTS[slot], entry["name"])
             weights = model_dir / slot if model_dir else None
             if weights is not None and weights.is_dir() and hasattr(spec.cls, "from_pretrained"):
-                components[slot] = spec.cls.from_pretrained(weights)
+                components[slot] = reg.wrap(SLOTS[slot], entry["name"], spec.cls.from_pretrained(weights))
             elif weights is not None and slot in WEIGHTED_SLOTS and hasattr(spec.cls, "from_pretrained"):
                 raise ReaudioError(f"{model_dir} has no {slot}/ weights; expected {weights}/ "
                                    "(written by save_pretrained)")
@@ -148,6 +150,7 @@ class ReAudioPipeline:
             database = Database.open(db)
         pipe = cls(cfg, components, database)
         pipe.model_dir = model_dir
+        pipe.notes = pipe._check_trained_encoders()
         return pipe
 
     @classmethod
@@ -204,6 +207,20 @@ class ReAudioPipeline:
                     f"the database was embedded with text_encoder {db_enc.get('name')!r} {db_enc.get('params')}, "
                     f"this model queries with {self.cfg['text_encoder']['name']!r} {self.cfg['text_encoder']['params']}"
                     ": rebuild the database with the model's text encoder")
+
+    def _check_trained_encoders(self) -> tuple[str, ...]:
+        """Warn (and return notes) where this pipeline encodes with another text / caption / audio encoder
+        than the model in :attr:`model_dir` was trained with, as its saved ``config.yaml`` records them
+        (:func:`reaudio_core.checks.encoder_swaps`). A warning, not an error: a deliberate ablation may do it;
+        a dimension mismatch stays an error (:meth:`_check_wiring`)."""
+        if self.model_dir is None or not (self.model_dir / "config.yaml").is_file():
+            return ()
+        from .checks import encoder_swaps
+        loaded = [s for s in WEIGHTED_SLOTS if (self.model_dir / s).is_dir()]
+        notes = encoder_swaps(load_config(self.model_dir), self.cfg, f"the model in {self.model_dir}", loaded)
+        for note in notes:
+            warnings.warn(note, stacklevel=3)
+        return tuple(notes)
 
     # -- conditioning -------------------------------------------------------------------
     def retrieve(self, prompt_emb: torch.Tensor, k: int) -> list[list[dict]]:
@@ -303,6 +320,9 @@ class ReAudioPipeline:
                 cond.audio, cond.audio_mask = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             else:
                 cond.audio, cond.audio_mask = uncond.audio, uncond.audio_mask
+        if checks.enabled():
+            checks.check_conditioning(cond, uncond, d, {f: f"{slot} '{self.cfg[slot]['name']}'" for f, slot in (
+                ("prompt", "text_encoder"), ("captions", "caption_encoder"), ("audio", "audio_encoder")) if self.cfg.get(slot)})
         return cond, uncond, neighbours
 
     # -- sampling -----------------------------------------------------------------------
@@ -418,7 +438,7 @@ class ReAudioPipeline:
             notes.append("no reranker configured: keeping the first candidate of each prompt")
         idx = torch.tensor(best)
         return Generation(cleaned, waves[torch.arange(P), idx], mels[torch.arange(P), idx], neighbours, scores,
-                          self.vocoder.sample_rate, notes)
+                          self.vocoder.sample_rate, [*self.notes, *notes])
 
     def reranker_text(self, prompts: list[str]) -> torch.Tensor:
         """Text side of the re-ranking joint space: the text encoder of the reranker's name."""
