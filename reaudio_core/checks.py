@@ -294,7 +294,7 @@ def _encode(call: _Call, out) -> None:
     lat = _tensor(call, out, "latents")
     c = d.compression
     T = mel.shape[1] if torch.is_tensor(mel) and mel.ndim == 3 else None
-    t = None if T is None else (T // c, -(-T // c))
+    t = None if T is None else T // c if T % c == 0 else (T // c, T // c + 1)
     _shape(call, lat, (_batch(mel), d.latent_channels, t, N_MELS // c),
            "[B, latent_channels, T / compression, 64 / compression]", "latents")
     _floating(call, lat, "latents", strict=False)
