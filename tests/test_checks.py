@@ -430,3 +430,20 @@ def test_real_components_are_checked_and_round_trip(tmp_path):
     vae.save_pretrained(tmp_path / "vae")
     loaded = get_registry().wrap("decoder", "vae", type(vae).from_pretrained(tmp_path / "vae"))
     assert checks.is_checked(loaded) and loaded.latent_channels == vae.latent_channels
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_runs(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "checks.py"
+    spec = importlib.util.spec_from_file_location("bench_checks", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    try:
+        assert bench.main(["--repeats", "1", "--steps", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        checks.set_enabled(True)
+    text = (tmp_path / "checks.md").read_text()
+    assert "| checks on |" in text and "| checks off (`REAUDIO_CHECKS=0`) |" in text
+    assert "| denoiser.__call__ |" in text and "| pipeline conditioning |" in text
