@@ -50,11 +50,13 @@ the base's method and then checking what it returned. The object itself is uncha
   hooks and ``DistributedDataParallel`` see the same object; gradients flow through the checked methods.
 * pickling, ``copy.copy`` and ``copy.deepcopy``: the subclass's ``__reduce_ex__`` names the base class and
   re-applies the checks on reconstruction, so a copy (e.g. an EMA copy) is checked too, and a pickle
-  never refers to the generated class. (A base class with its own ``__reduce__`` that returns something
-  else than the default ``copyreg.__newobj__`` form is pickled as it defines.)
+  never refers to the generated class. (A base class with its own ``__reduce__`` is pickled as it defines
+  unless its reduction names the class first, as the default ones do.)
 
 The subclass has ``__slots__ = ()``, so the instance layout does not change and ``__class__`` can be
-assigned; checking an object twice is a no-op; :func:`unwrap` puts the original class back.
+assigned (where it cannot, the component runs unchecked, with a warning); checking an object twice is a
+no-op; :func:`unwrap` puts the original class back. A method set on the instance itself
+(``c.embed = f``) shadows the checked one, as it would shadow any method.
 
 Switching the checks off
 ------------------------
@@ -66,9 +68,9 @@ Parameter type checks (:meth:`Registry.resolve_params`) and the pipeline's wirin
 from __future__ import annotations
 
 import contextlib
-import copyreg
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -148,7 +150,10 @@ def _batch(x) -> int | None:
 
 
 def _autocast() -> bool:
-    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+    try:
+        return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 def _tensor(call: _Call, x, what: str) -> torch.Tensor:
@@ -171,7 +176,7 @@ def _shape(call: _Call, x, expected: tuple, names: str, what: str) -> None:
 def _floating(call: _Call, x: torch.Tensor, what: str, strict: bool) -> None:
     if x.dtype == torch.float32 or (x.is_floating_point() and (not strict or _autocast())):
         return
-    call.fail(f"{what} of dtype {x.dtype}", "torch.float32")
+    call.fail(f"{what} of dtype {x.dtype}", "torch.float32" if strict else "a floating-point dtype")
 
 
 def _finite(call: _Call, x, what: str) -> None:
@@ -376,20 +381,18 @@ def _checked_method(original: Callable, method: str, check: Callable[[_Call, Any
 
 
 def _reduce_ex(self, protocol):
-    """Pickle / copy as the base class, with the checks re-applied on reconstruction."""
+    """Pickle / copy as the base class, with the checks re-applied on reconstruction. The default reductions
+    (``copyreg.__newobj__``, ``__newobj_ex__``, ``_reconstructor``) name the class first among their arguments."""
     cls = type(self)
-    base, origin = cls.__bases__[0], cls._reaudio_origin
-    rv = base.__reduce_ex__(self, protocol)
-    if isinstance(rv, tuple) and rv and rv[0] is copyreg.__newobj__ and rv[1][0] is cls:
-        return (_rebuild, (base, origin, rv[1][1:], {})) + rv[2:]
-    if isinstance(rv, tuple) and rv and rv[0] is getattr(copyreg, "__newobj_ex__", None) and rv[1][0] is cls:
-        return (_rebuild, (base, origin, tuple(rv[1][1]), dict(rv[1][2]))) + rv[2:]
+    rv = cls.__bases__[0].__reduce_ex__(self, protocol)
+    if isinstance(rv, tuple) and len(rv) >= 2 and isinstance(rv[1], tuple) and rv[1] and rv[1][0] is cls:
+        return (_rebuild, (cls._reaudio_origin, rv[0], (cls.__bases__[0], *rv[1][1:]))) + tuple(rv[2:])
     return rv
 
 
-def _rebuild(base: type, origin: Origin, args: tuple, kwargs: dict):
-    obj = base.__new__(base, *args, **kwargs)
-    obj.__class__ = _checked_class(base, origin)
+def _rebuild(origin: Origin, func: Callable, args: tuple):
+    obj = func(*args)
+    obj.__class__ = _checked_class(type(obj), origin)
     return obj
 
 
@@ -432,7 +435,10 @@ def checked(obj, kind: str | None = None, name: str | None = None, source: str =
     label = Origin(kind, name or type(obj).__name__, source)
     if not isinstance(obj, base):
         raise ContractViolation(f"{label} is a {type(obj).__name__}, which does not implement {base.__name__}")
-    obj.__class__ = _checked_class(type(obj), label)
+    try:
+        obj.__class__ = _checked_class(type(obj), label)
+    except TypeError as exc:  # a class that cannot be subclassed this way (e.g. a C layout): run it unchecked
+        warnings.warn(f"{label}: its outputs cannot be checked ({exc})", stacklevel=2)
     return obj
 
 
