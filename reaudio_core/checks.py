@@ -294,34 +294,33 @@ def _search(call: _Call, out) -> None:
         call.fail(f"id {int(ids[bad][0])}", f"ids in [0, {n}) for an index of {n} vectors, or -1 for padding")
 
 
+def _array(call: _Call, out, expected: tuple, names: str, what: str) -> None:
+    """A floating tensor of shape ``expected`` (see :func:`_shape`), finite: decoder, vocoder, logits."""
+    x = _tensor(call, out, what)
+    _shape(call, x, expected, names, what)
+    _floating(call, x, what, strict=False)
+    _finite(call, x, what)
+
+
 def _encode(call: _Call, out) -> None:
     mel, d = call.arg(0, "mel"), call.obj
-    lat = _tensor(call, out, "latents")
     c = d.compression
     T = mel.shape[1] if torch.is_tensor(mel) and mel.ndim == 3 else None
     t = None if T is None else T // c if T % c == 0 else (T // c, T // c + 1)
-    _shape(call, lat, (_batch(mel), d.latent_channels, t, N_MELS // c),
+    _array(call, out, (_batch(mel), d.latent_channels, t, N_MELS // c),
            "[B, latent_channels, T / compression, 64 / compression]", "latents")
-    _floating(call, lat, "latents", strict=False)
-    _finite(call, lat, "latents")
 
 
 def _decode(call: _Call, out) -> None:
     lat = call.arg(0, "latents")
-    mel = _tensor(call, out, "a mel")
     t = lat.shape[2] * call.obj.compression if torch.is_tensor(lat) and lat.ndim == 4 else None
-    _shape(call, mel, (_batch(lat), t, N_MELS), "[B, t * compression, 64]", "a mel")
-    _floating(call, mel, "a mel", strict=False)
-    _finite(call, mel, "a mel")
+    _array(call, out, (_batch(lat), t, N_MELS), "[B, t * compression, 64]", "a mel")
 
 
 def _vocode(call: _Call, out) -> None:
     mel = call.arg(0, "mel")
-    wave = _tensor(call, out, "a waveform")
     n = mel.shape[1] * call.obj.hop_length if torch.is_tensor(mel) and mel.ndim == 3 else None
-    _shape(call, wave, (_batch(mel), n), "[B, T * hop_length]", "a waveform")
-    _floating(call, wave, "a waveform", strict=False)
-    _finite(call, wave, "a waveform")
+    _array(call, out, (_batch(mel), n), "[B, T * hop_length]", "a waveform")
 
 
 def _denoise(call: _Call, out) -> None:
@@ -349,10 +348,7 @@ def _frames(call: _Call, out) -> None:
 
 
 def _logits(call: _Call, out) -> None:
-    x = _tensor(call, out, "logits")
-    _shape(call, x, (_batch(call.arg(0, "wavs")), call.obj.num_classes), "[B, num_classes]", "logits")
-    _floating(call, x, "logits", strict=False)
-    _finite(call, x, "logits")
+    _array(call, out, (_batch(call.arg(0, "wavs")), call.obj.num_classes), "[B, num_classes]", "logits")
 
 
 CHECKS: dict[str, dict[str, Callable[[_Call, Any], None]]] = {
