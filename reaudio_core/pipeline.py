@@ -215,9 +215,8 @@ class ReAudioPipeline:
         a dimension mismatch stays an error (:meth:`_check_wiring`)."""
         if self.model_dir is None or not (self.model_dir / "config.yaml").is_file():
             return ()
-        from .checks import encoder_swaps
         loaded = [s for s in WEIGHTED_SLOTS if (self.model_dir / s).is_dir()]
-        notes = encoder_swaps(load_config(self.model_dir), self.cfg, f"the model in {self.model_dir}", loaded)
+        notes = checks.encoder_swaps(load_config(self.model_dir), self.cfg, f"the model in {self.model_dir}", loaded)
         for note in notes:
             warnings.warn(note, stacklevel=3)
         return tuple(notes)
@@ -320,9 +319,10 @@ class ReAudioPipeline:
                 cond.audio, cond.audio_mask = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             else:
                 cond.audio, cond.audio_mask = uncond.audio, uncond.audio_mask
-        if checks.enabled():
-            checks.check_conditioning(cond, uncond, d, {f: f"{slot} '{self.cfg[slot]['name']}'" for f, slot in (
-                ("prompt", "text_encoder"), ("captions", "caption_encoder"), ("audio", "audio_encoder")) if self.cfg.get(slot)})
+        if checks.enabled():  # what the denoiser gets: widths, and conditional and unconditional streams agree
+            streams = {"prompt": "text_encoder", "captions": "caption_encoder", "audio": "audio_encoder"}
+            checks.check_conditioning(cond, uncond, d, {f: f"{s} '{self.cfg[s]['name']}'" for f, s in streams.items()
+                                                        if self.cfg.get(s)})
         return cond, uncond, neighbours
 
     # -- sampling -----------------------------------------------------------------------

@@ -279,8 +279,11 @@ def test_conditioning_mismatch_is_named_not_a_cat_error():
     class Den:
         prompt_dim, text_dim, audio_dim = 4, None, 6
 
-    uncond = Conditioning(torch.zeros(1, 4), audio=torch.zeros(1, 3 * 32, 6), audio_mask=torch.ones(1, 96, dtype=torch.bool))
-    cond = Conditioning(torch.zeros(1, 4), audio=torch.zeros(1, 3 * 7, 6), audio_mask=torch.ones(1, 21, dtype=torch.bool))
+    def audio(tokens):  # k = 3 retrieved clips of `tokens` tokens each
+        return Conditioning(torch.zeros(1, 4), audio=torch.zeros(1, 3 * tokens, 6),
+                            audio_mask=torch.ones(1, 3 * tokens, dtype=torch.bool))
+
+    uncond, cond = audio(32), audio(7)
     checks.check_conditioning(uncond, uncond, Den())
     with pytest.raises(ContractViolation, match=r"'audio' stream from audio_encoder 'x': the conditional input has "
                                                 r"shape \[1, 21, 6\], the unconditional \[1, 96, 6\]"):
@@ -297,7 +300,8 @@ def _install(monkeypatch, kind, name, cls, defaults):
 def test_database_build_refuses_unnormalised_embeddings(monkeypatch, tmp_path, clip_factory):
     from reaudio_core.config import compose
     from reaudio_core.database import build_database
-    _install(monkeypatch, "text_encoder", "rawtext", FakeText, {"dim": 8, "scale": 3.2, "zero_for": [], "tokens_off": 0})
+    _install(monkeypatch, "text_encoder", "rawtext", FakeText, {"dim": 8, "scale": 3.2, "zero_for": [],
+                                                                "tokens_off": 0})
     rows = ["path,caption"] + [f"{clip_factory(f'c{i}.wav', seconds=0.5, seed=i).name},clip {i}" for i in range(3)]
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     cfg = compose("offline", [], ["text_encoder=rawtext", "retriever=torch"])
@@ -315,7 +319,8 @@ def test_param_type_refused_at_config_time(monkeypatch):
     with pytest.raises(ParamTypeError, match=r"audio_encoder 'mfcc' parameter 'n_mfcc' must be an integer, got 'abc' "
                                              r"\(str; the default is 20\)"):
         compose("offline", [], ["audio_encoder=mfcc", "audio_encoder.params.n_mfcc=abc"])
-    assert compose("offline", [], ["audio_encoder=mfcc", "audio_encoder.params.n_mfcc=13"])["audio_encoder"]["params"]["n_mfcc"] == 13
+    cfg = compose("offline", [], ["audio_encoder=mfcc", "audio_encoder.params.n_mfcc=13"])
+    assert cfg["audio_encoder"]["params"]["n_mfcc"] == 13
 
 
 @pytest.mark.parametrize("value,default,ok", [
@@ -357,7 +362,8 @@ def test_generating_with_another_text_encoder_warns_naming_both(monkeypatch, tmp
     error (the dimension still fits); every component of the pipeline is checked, weights-loaded ones too."""
     from reaudio_core.cli import main
     from reaudio_core.pipeline import ReAudioPipeline
-    _install(monkeypatch, "text_encoder", "hash384", FakeText, {"dim": 384, "scale": 1.0, "zero_for": [], "tokens_off": 0})
+    _install(monkeypatch, "text_encoder", "hash384", FakeText, {"dim": 384, "scale": 1.0, "zero_for": [],
+                                                                "tokens_off": 0})
     built, from_config = [], ReAudioPipeline.from_config.__func__
     monkeypatch.setattr(ReAudioPipeline, "from_config",
                         classmethod(lambda cls, *a, **kw: built.append(from_config(cls, *a, **kw)) or built[-1]))
