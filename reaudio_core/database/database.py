@@ -137,7 +137,7 @@ class Database:
         spec = get_registry().spec("retriever", name)
         params = dict(change.get("params") or {})
         try:
-            return spec.cls.load(vdir / "index", **params)
+            return get_registry().wrap("retriever", name, spec.cls.load(vdir / "index", **params))
         except (OSError, ValueError, RuntimeError, ReaudioError) as exc:
             if params and not isinstance(exc, OSError):
                 raise ReaudioError(f"{vdir.parent}: retriever {params} cannot be applied to its {name} index ({exc}); "
