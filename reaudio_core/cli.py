@@ -48,8 +48,16 @@ def _os_error(exc: OSError) -> str:
     return f"{where}: {exc.strerror or exc}{f' [{code}]' if code else ''}"
 
 
+_SHOWN: set[str] = set()  #: warnings already printed in this command (a note repeating one is not printed again)
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"reaudio: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    """reaudio's own warnings (UserWarning) as one line each; libraries' deprecation notices are not the user's."""
+    if not issubclass(category, UserWarning):
+        return
+    text = " ".join(str(message).split())
+    _SHOWN.add(text)
+    print(f"reaudio: warning: {text}", file=sys.stderr)
 
 
 # -- plugins ------------------------------------------------------------------------
@@ -217,7 +225,8 @@ def cmd_generate(args) -> int:
         pipe = ReAudioPipeline.from_config(cfg, db=args.db)
     result = pipe(prompts, progress=not args.quiet)
     for note in result.warnings:
-        print(f"note: {note}", file=sys.stderr)
+        if " ".join(str(note).split()) not in _SHOWN:
+            print(f"note: {note}", file=sys.stderr)
     out_dir = out.parent if single else out
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(result.prompts):
