@@ -24,13 +24,13 @@ from tqdm.auto import tqdm
 
 from .config import SLOTS, build, compose, load_config, save_config
 from .interfaces import SAMPLE_RATE, Conditioning
+from .mel import MEL_FPS
 from .registry import ReaudioError, get_registry
 
 log = logging.getLogger("reaudio")
 
 RETRIEVAL_TYPES = ("none", "audio", "text", "audio+text")
 WEIGHTED_SLOTS = ("denoiser", "decoder", "vocoder", "audio_encoder")
-MEL_FPS = 100  # mel frames per second (hop 160 at 16 kHz)
 MAX_PROMPT_CHARS = 2000
 
 
