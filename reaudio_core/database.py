@@ -47,10 +47,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -64,6 +64,8 @@ from tqdm.auto import tqdm
 from .audio import AudioProblem, load_audio
 from .config import compose, load_config, save_config
 from .registry import ReaudioError, closest, get_registry
+
+log = logging.getLogger("reaudio")
 
 FORMAT = "reaudio-db"
 FORMAT_VERSION = 1
@@ -172,7 +174,7 @@ def _read_json(path: Path, lines: bool = False):
 
 def _pause(stage: str) -> None:
     if os.environ.get(PAUSE_ENV) == stage:
-        print(f"reaudio-db: paused at {stage}", file=sys.stderr, flush=True)
+        log.warning("reaudio-db: paused at %s", stage)
         time.sleep(3600)
 
 
@@ -341,7 +343,7 @@ def write_manifest(input_csvs: Sequence[str | Path], out_csv: str | Path) -> int
         good, bad, _ = read_manifest(src)
         rows += good
         for s in bad:
-            print(f"reaudio manifest: skipped {s['manifest']}:{s['line']} {s['path']}: {s['reason']}", file=sys.stderr)
+            log.warning("reaudio manifest: skipped %s:%s %s: %s", s["manifest"], s["line"], s["path"], s["reason"])
     if not rows:
         raise ReaudioError(f"no usable rows in {', '.join(map(str, input_csvs))}")
     buf = io.StringIO(newline="")
