@@ -35,6 +35,7 @@ def table(markdown: str, heading: str) -> list[dict]:
             for line in lines[1:] if not line.startswith("|---")]
 
 
+@pytest.mark.slow  # the generation benchmark end to end
 def test_quick_benchmark_prints_every_table(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # the CLI hands its argv to the script
     out = tmp_path / "results"

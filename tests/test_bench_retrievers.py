@@ -29,6 +29,7 @@ def table_rows(markdown: str) -> list[dict]:
             for line in lines[1:] if not line.startswith("|---")]
 
 
+@pytest.mark.slow  # the retriever benchmark end to end
 def test_quick_benchmark_reports_every_retriever(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # the CLI hands its argv to the script
     out = tmp_path / "results"
