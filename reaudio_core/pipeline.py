@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from . import checks
 from .config import CONFIG_FILE, RECORD_KEY, SLOTS, build, compose, load_config, save_config
 from .interfaces import SAMPLE_RATE, Conditioning
+from .mel import MEL_FPS
 from .registry import ReaudioError, get_registry
 
 log = logging.getLogger("reaudio")
@@ -48,7 +49,6 @@ RETRIEVAL_TYPES = ("none", "audio", "text", "audio+text")
 WEIGHTED_SLOTS = ("denoiser", "decoder", "vocoder", "audio_encoder")
 #: component parameters that name weights to load (the first one a component has is its weights key)
 WEIGHT_KEYS = ("checkpoint", "weights", "pretrained")
-MEL_FPS = 100  # mel frames per second (hop 160 at 16 kHz)
 MAX_PROMPT_CHARS = 2000
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -132,7 +133,8 @@ def main() -> None:
 def prepare(db: Path) -> None:
     if db.exists():
         raise SystemExit(f"{db} exists: move it away first (--prepare builds it with retriever=torch)")
-    manifest = REPO.parent / "shared" / "data" / "esc50-fold4" / "metadata.csv"
+    data = Path(os.environ.get("REAUDIO_DATA") or REPO.parent / "shared" / "data")
+    manifest = data / "esc50-fold4" / "metadata.csv"
     subprocess.run([sys.executable, "-m", "reaudio_core.cli", "index", "build", "--manifest", str(manifest),
                     "--out", str(db), "--quiet", "retriever=torch"], check=True, cwd=REPO)
     vae, ldm = RUNS / "prepare-vae", RUNS / "prepare-ldm"

@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "esc50-fold4"
+DATA = Path(os.environ.get("REAUDIO_DATA") or REPO.parent / "shared" / "data") / "esc50-fold4"  # $REAUDIO_DATA
 RUNS = REPO / "runs"
 SHIPPED = REPO / "plugins" / "weights" / "offline"
 RESULTS = REPO / "docs" / "results"

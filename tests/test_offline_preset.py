@@ -18,12 +18,11 @@ SHIPPED = resolve_path("pkg:reaudio_plugins/weights/offline")
 
 
 @pytest.fixture
-def script():
-    """research/offline_preset.py (monkeypatch restores what a test changes in it); skips without the ESC-50
-    clips beside the checkout."""
+def script(shared_data):
+    """research/offline_preset.py (monkeypatch restores what a test changes in it) reading the ESC-50 clips in
+    ``shared_data`` (skips without them)."""
     import research.offline_preset as module
-    if not (module.DATA / "metadata.csv").exists():
-        pytest.skip("../shared/data/esc50-fold4 is not beside the checkout")
+    assert module.DATA == shared_data / "esc50-fold4"  # both honour REAUDIO_DATA
     return module
 
 
@@ -85,6 +84,7 @@ def test_experts_stage_pairs_a_model_with_a_low_noise_expert(tmp_path, monkeypat
     assert len(made.database) == 400
 
 
+@pytest.mark.slow  # a real-size generation (two steps)
 def test_generation_needs_no_source_audio(pipe, monkeypatch):
     import reaudio_core.audio as audio
     monkeypatch.setattr(audio, "load_audio", lambda *a, **k: pytest.fail("read source audio"))
@@ -93,6 +93,7 @@ def test_generation_needs_no_source_audio(pipe, monkeypatch):
     assert all(n["label"] == "rain" for n in out.neighbours[0])
 
 
+@pytest.mark.slow  # preset quality: ten real-size generations, then the classifier
 def test_class_prompts_sound_like_their_class(pipe):
     """Every 5th ESC-50 class (10 classes, fixed by name order, not picked by result), seed 0: the
     esc50-classifier finds the asked class in its top 5 for at least half of them (chance: 1 in 10) and
@@ -113,6 +114,7 @@ def test_class_prompts_sound_like_their_class(pipe):
     assert d[~torch.eye(len(labels), dtype=bool)].min() > 0.1
 
 
+@pytest.mark.slow  # `reaudio generate` in a fresh process with the real-size preset
 def test_cli_default_is_the_shipped_preset(tmp_path):
     out = tmp_path / "dog.wav"
     proc = subprocess.run([sys.executable, "-m", "reaudio_core.cli", "generate", "a dog barks", "-o", str(out),
@@ -125,6 +127,7 @@ def test_cli_default_is_the_shipped_preset(tmp_path):
     assert "pkg:reaudio_plugins/weights/offline" in saved
 
 
+@pytest.mark.slow  # preset quality: the script's conditional stage on the real clips
 def test_conditional_names_what_the_ldm_learned_under_each_retrieved_set(tmp_path, monkeypatch, script):
     """research/offline_preset.py conditional: for each class prompt, the training clips whose stored
     neighbours are exactly the retrieved set are never in that set, and their after-VAE predictions come
@@ -148,6 +151,7 @@ def test_conditional_names_what_the_ldm_learned_under_each_retrieved_set(tmp_pat
     assert "church_bells" in (tmp_path / "offline-conditional.md").read_text()
 
 
+@pytest.mark.slow  # preset quality: the script's renoise stage on the real clips
 def test_renoise_at_t0_zero_is_the_vae_round_trip(tmp_path, monkeypatch, pipe, script):
     """research/offline_preset.py renoise: t0 = 0 runs no denoising step, so its predictions are the classifier's
     on the VAE round trip of the real clips (computed here independently); every start yields one prediction
