@@ -1,5 +1,5 @@
 """Train the offline preset's GPU recipe inside a fixed time box (say a GPU lent for a few minutes). Not yet
-run on a GPU: the shipped weights come from the CPU recipe (research/offline_preset.py train).
+run on a GPU: the shipped weights come from the CPU recipe (python -m research.offline_preset train).
 
     python research/gpu_timeboxed.py --seconds 540 --pack OUTDIR
 
