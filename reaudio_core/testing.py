@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .interfaces import BASES, KINDS, Conditioning
+from .pretrained import Pretrained
 from .registry import ReaudioError, Registry, get_registry
 
 TEXTS = ["a dog barks twice", "heavy rain falls on a tin roof while thunder rumbles in the distance", "bells"]
@@ -143,8 +144,11 @@ def _raises(types, fn, what):
 def _round_trip(ctx, outputs, extra=None):
     """``save_pretrained`` then ``from_pretrained`` give bit-identical ``outputs(component)``."""
     comp = ctx.component
-    if not hasattr(comp, "save_pretrained"):
-        raise NotApplicable("no save_pretrained (no weights of its own)")
+    if not isinstance(comp, Pretrained):
+        if hasattr(comp, "save_pretrained"):
+            raise AssertionError("has save_pretrained but does not subclass reaudio_core.Pretrained: a pipeline "
+                                 "neither saves nor loads its weights")
+        raise NotApplicable("not Pretrained (no weights of its own)")
     comp.save_pretrained(ctx.tmp / "saved")
     again = type(comp).from_pretrained(ctx.tmp / "saved")
     if extra:
