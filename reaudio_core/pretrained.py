@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import ClassVar
 
@@ -74,10 +75,12 @@ def write_safetensors(path: str | Path, state_dict: dict) -> None:
 @contextlib.contextmanager
 def atomic_dir(directory: str | Path):
     """Yield a temporary sibling folder; on success it replaces ``directory`` (an interrupted
-    write leaves the previous folder or nothing)."""
+    write leaves the previous folder or nothing). The folder gets the permissions of a plain
+    ``mkdir`` (the umask's), not ``mkdtemp``'s owner-only 0700."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=str(directory.parent)))
+    tmp = directory.parent / f".{directory.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
     try:
         yield tmp
         old = None

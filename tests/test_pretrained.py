@@ -99,3 +99,12 @@ def test_kit_round_trip_rule_needs_the_mixin(tmp_path):
         _round_trip(SimpleNamespace(component=HandWritten(), tmp=tmp_path), outputs)
     with pytest.raises(NotApplicable):
         _round_trip(SimpleNamespace(component=object(), tmp=tmp_path), outputs)
+
+
+def test_saved_folder_has_plain_mkdir_permissions(tmp_path):
+    import os
+    import stat
+    (tmp_path / "plain").mkdir()
+    Toy(width=2, scale=1.0).save_pretrained(tmp_path / "toy")
+    mode = stat.S_IMODE(os.stat(tmp_path / "toy").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
