@@ -231,7 +231,7 @@ class ReAudioPipeline:
         directory.mkdir(parents=True, exist_ok=True)
         for slot in WEIGHTED_SLOTS:
             component = getattr(self, slot)
-            if component is not None and isinstance(component, Pretrained):
+            if isinstance(component, Pretrained):
                 component.save_pretrained(directory / slot)
         save_config({k: v for k, v in self.cfg.items() if k != RECORD_KEY}, directory)  # its weights are here
 
