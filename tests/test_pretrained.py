@@ -86,7 +86,7 @@ def test_kit_round_trip_rule_needs_the_mixin(tmp_path):
     (a pipeline would not save it) and does not apply to a component without weights."""
     from types import SimpleNamespace
 
-    from reaudio_core.testing import NotApplicable, _round_trip
+    from reaudio_core.testing.base import NotApplicable, _round_trip
 
     class HandWritten:
         def save_pretrained(self, directory):
