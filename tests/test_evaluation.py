@@ -9,14 +9,13 @@ import pytest
 import soundfile as sf
 import torch
 import torch.nn.functional as F
-from component_factories import BUILTIN, tiny
+from component_factories import tiny
 from conftest import make_clip
 
 from reaudio_core.cli import main as cli_main
 from reaudio_core.evaluation import (evaluate, frechet_distance, gaussian, inception_score, kl_per_pair,
                                      to_markdown)
 from reaudio_core.registry import ReaudioError, get_registry
-from reaudio_core.testing import contract_tests
 
 
 @pytest.fixture(autouse=True)
@@ -360,7 +359,6 @@ def test_clap_score_with_prompts(tmp_path):
 
 
 # -- contract over every registered feature model (rules: reaudio_core/testing/) -----------------------
-test_feature_model_contract = contract_tests(BUILTIN, kinds=["feature_model"], skip_others=True)
 
 
 def test_esc50_classifier_training_augmentations():

@@ -189,7 +189,7 @@ def test_the_pytest_helper_fails_a_plugins_suite_and_never_this_one(kit_site, tm
                                                "test_contract = contract_tests('kit-unnormalised')\n")
     env = {**os.environ, "PYTHONPATH": str(kit_site), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfs", "-p", "no:cacheprovider",
-                           str(tmp_path / "test_contract.py"), "tests/test_encoder_contracts.py",
+                           str(tmp_path / "test_contract.py"), "tests/test_contracts.py",
                            "-k", "kitraw or kitshort"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 1, proc.stdout
     failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]

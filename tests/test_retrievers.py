@@ -5,12 +5,11 @@ import warnings
 import numpy as np
 import pytest
 
-from component_factories import BUILTIN, builtin_names
+from component_factories import builtin_names
 from reaudio_core.registry import get_registry
-from reaudio_core.testing import RULES, check_rule, contract_tests, exact_topk, unit_vectors
+from reaudio_core.testing import RULES, check_rule, exact_topk, unit_vectors
 
 
-test_retriever_contract = contract_tests(BUILTIN, kinds=["retriever"], skip_others=True)
 
 # the built-in variants the defaults do not reach, through the same rules
 VARIANTS = {

@@ -14,10 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from component_factories import BUILTIN, tiny
+from component_factories import tiny
 from reaudio_core import ReaudioError, get_registry
 from reaudio_core import mel as M
-from reaudio_core.testing import contract_tests
 from reaudio_plugins.griffin_lim import GriffinLim
 from reaudio_plugins.hifigan import HiFiGAN, convert_hifigan_state_dict, fold_weight_norm
 from reaudio_plugins.vae import VAE, convert_ldm_vae_state_dict, measure_scale_factor
@@ -495,5 +494,3 @@ def test_griffin_lim_short_and_seeded():
 
 
 # -- contract tests over every registered decoder / vocoder (rules: reaudio_core/testing/) ----------------
-test_decoder_contract = contract_tests(BUILTIN, kinds=["decoder"], skip_others=True)
-test_vocoder_contract = contract_tests(BUILTIN, kinds=["vocoder"], skip_others=True)
