@@ -56,5 +56,5 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, min_duration: f
 
 def save_wav(path: str | Path, wav, sample_rate: int = SAMPLE_RATE) -> None:
     wav = np.asarray(wav.detach().cpu() if torch.is_tensor(wav) else wav, dtype=np.float32).reshape(-1)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16")
+    from .io import atomic_write  # a temporary file beside it, then renamed: never a half-written WAV
+    atomic_write(path, lambda tmp: sf.write(tmp, np.clip(wav, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16"))

@@ -38,6 +38,13 @@ def check_writable(path, what: str, folder: bool) -> None:
     if not os.access(base, os.W_OK | os.X_OK) or (p.is_file() and not os.access(p, os.W_OK)):
         raise ReaudioError(f"cannot write {what} {path}: {p if p.is_file() else base} is not writable "
                            "(permissions or a read-only file system); choose another location")
+    import tempfile
+    try:  # root passes os.access everywhere: a real write finds read-only and pseudo file systems (/proc)
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as exc:
+        raise ReaudioError(f"cannot write {what} {path}: {base} does not take new files ({exc.strerror or exc}); "
+                           "choose another location") from None
 
 
 def _os_error(exc: OSError) -> str:

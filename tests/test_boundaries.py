@@ -299,3 +299,28 @@ def test_an_untrained_audio_encoder_never_embeds_a_database(tmp_path, clips, cap
                                     "audio_encoder.params.weights=null"]))
     assert "no trained weights" in line and "audio_encoder.params.weights" in line
     assert not out.exists()
+
+
+def test_an_output_on_a_file_system_that_takes_no_files_is_one_line(capsys):
+    """Root passes every permission check; /proc still takes no new files: refused before any work."""
+    from reaudio_core.cli import main
+    assert main(["generate", "a dog", "-o", "/proc/reaudio-test.wav", "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("reaudio: error: cannot write -o /proc/reaudio-test.wav") and "\n" not in err
+
+
+def test_wav_is_written_atomically(tmp_path, monkeypatch):
+    """A write that fails half-way leaves the previous file, not a truncated WAV."""
+    import soundfile as sf
+
+    from reaudio_core.audio import save_wav
+    out = tmp_path / "x.wav"
+    save_wav(out, np.zeros(160, np.float32))
+    before = out.read_bytes()
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(sf, "write", broken)
+    with pytest.raises(OSError):
+        save_wav(out, np.ones(320, np.float32) * 0.5)
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["x.wav"]
