@@ -16,7 +16,7 @@ projection MLPs ``{text,audio}_projection.{0,2}``, ``{text,audio}_transform.sequ
 import pytest
 import torch
 
-from reaudio_plugins.clap import _DERIVED_BUFFERS, _strip_to_clap, build_config, infer_laion_config, laion_to_hf
+from reaudio_plugins._clap_ckpt import _DERIVED_BUFFERS, _strip_to_clap, build_config, infer_laion_config, laion_to_hf
 from test_encoders import laion_htsat_keys
 
 HTSAT_TINY = dict(patch_embeds_hidden_size=96, depths=[2, 2, 6, 2], num_attention_heads=[4, 8, 16, 32],
