@@ -151,8 +151,9 @@ def run_ddp(layer: dict, work: Path, tag: str, warmup: int) -> dict:
     return timing(out, warmup, 2 * layer["training"]["batch_size"])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> dict:
+    """Parse ``argv`` (default: the command line), run the measurements, print the report; returns the results."""
+    ap = argparse.ArgumentParser(prog="reaudio bench training", description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default="tiny,offline,s")
     ap.add_argument("--steps", type=int, default=6, help="timed steps after warm-up (default 6)")
     ap.add_argument("--warmup", type=int, default=2)
@@ -160,7 +161,7 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="torch threads per single process to measure (default 1,2)")
     ap.add_argument("--no-ddp", action="store_true")
     ap.add_argument("--out", default=None, help="also write DIR/training.md and DIR/training.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                            "load_before": load_average()}, "runs": []}
@@ -199,6 +200,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "training.md").write_text(report + "\n")
         (out / "training.json").write_text(json.dumps(results, indent=2))
+    return results
 
 
 def render(results: dict) -> str:

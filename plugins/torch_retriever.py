@@ -10,7 +10,7 @@ matrix-vector product, bound by memory bandwidth, so:
   column blocks, each scanned (product + top-k) by one single-threaded torch call on its own
   Python thread (torch releases the GIL), and the blocks' top-k are merged: one core cannot
   draw the machine's full memory bandwidth, and BLAS's own threading of a matrix-vector
-  product does not scale (``benchmarks/retrievers.py`` measures exact search against the
+  product does not scale (``benchmarks/retrievers/`` measures exact search against the
   measured bandwidth);
 * larger batches are one multi-threaded matrix product per block of queries, the block sized
   so the score matrix stays under :attr:`TorchRetriever.BLOCK_BYTES`.

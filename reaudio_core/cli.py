@@ -266,23 +266,9 @@ def cmd_export(args) -> int:
 
 
 # -- evaluate ---------------------------------------------------------------------------
-def _model_spec(text: str | None) -> tuple[str | None, dict]:
-    """``NAME`` or ``NAME:key=value,key=value`` -> (name, params); values are parsed as YAML scalars."""
-    if not text:
-        return None, {}
-    import yaml
-    name, _, rest = text.partition(":")
-    params = {}
-    for item in filter(None, rest.split(",")):
-        if "=" not in item:
-            raise ReaudioError(f"feature-model parameter '{item}' is not key=value (e.g. vggish:checkpoint=PATH)")
-        key, value = item.split("=", 1)
-        params[key.strip()] = yaml.safe_load(value)
-    return name.strip(), params
-
-
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate, to_json, to_markdown
+    from .evaluation import parse_model_spec as _model_spec
     from .registry import get_registry
     defaults = get_registry().defaults.get("evaluation", {}) or {}
     features, fparams = _model_spec(args.features or defaults.get("features", "esc50-classifier"))
@@ -310,69 +296,31 @@ def cmd_experiment(args) -> int:
 
 
 def cmd_longtail(args) -> int:
-    import json as _json
-    from pathlib import Path
-
-    from . import longtail as L
-    matcher = None
-    if "audioset" in (args.train_labels, args.prompt_labels):
-        matcher = L.AudioSetMatcher.from_dir(args.audioset, args.audioset_source)
-    train = Path(args.train)
-    if train.is_dir():
-        from .database import Database
-        labels = L.labels_from_database(Database.open(train), matcher=matcher if args.train_labels == "audioset" else None)
-    else:
-        labels = L.labels_from_manifest(train, label_column=None if args.train_labels in ("column", "audioset")
-                                        else args.train_labels,
-                                        matcher=matcher if args.train_labels == "audioset" else None)
-    counts = L.count_labels(labels)
-    buckets = L.Buckets(tuple(int(x) for x in args.buckets.split(",")))
-    per_model, scores = {}, ("kl", "hit", "clap_cosine")
-    if args.eval:
-        if not args.prompts:
-            raise ReaudioError("--eval needs --prompts CSV (file and caption columns, optionally label) to give each "
-                               "generated clip its labels")
-        from .evaluation import FILE_COLUMNS
-        rows, cols = L._csv_rows(args.prompts)
-        ncol = next((cols[c] for c in FILE_COLUMNS if c in cols), None)
-        if ncol is None:
-            raise ReaudioError(f"{args.prompts}: needs a file column ({'/'.join(FILE_COLUMNS)})")
-        labels = L.labels_from_manifest(args.prompts, label_column=None if args.prompt_labels in ("column", "audioset")
-                                        else args.prompt_labels,
-                                        matcher=matcher if args.prompt_labels == "audioset" else None)
-        by_name = {Path((r.get(ncol) or "").strip()).with_suffix("").as_posix(): lab for r, lab in zip(rows, labels)}
-        for item in args.eval:
-            name, _, path = item.rpartition("=")
-            name = name or Path(path).stem
-            res = _json.loads(Path(path).read_text(encoding="utf-8"))
-            labels_of = (res.get("feature_models") or {}).get("classifier") or {}
-            items = L.eval_items_with_labels(res, by_name, labels_of.get("labels"))
-            per_model[name] = L.bucket_scores(items, counts, buckets, scores, args.multi_label)
-    note = matcher.description if matcher is not None else None
-    universe = matcher.names if args.train_labels == "audioset" else None
-    text = L.report_markdown(counts, buckets, per_model, [s for s in scores if per_model], note, str(train), universe)
+    from .longtail import longtail_report
+    evals = {}
+    for item in args.eval:
+        name, _, path = item.rpartition("=")
+        evals[name or Path(path).stem] = path
+    text = longtail_report(args.train, train_labels=args.train_labels, edges=[int(x) for x in args.buckets.split(",")],
+                           evals=evals, prompts=args.prompts, prompt_labels=args.prompt_labels,
+                           multi_label=args.multi_label, audioset=args.audioset,
+                           audioset_source=args.audioset_source, out=args.out)
     print(text, end="")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "longtail.md").write_text(text, encoding="utf-8")
-        (out / "longtail.json").write_text(_json.dumps({"label_note": note, "buckets": buckets.names,
-                                                        "counts": dict(counts), "models": per_model}, indent=1))
-        for s in scores:
-            if any(b[s]["n"] for r in per_model.values() for b in r["buckets"].values()):
-                L.plot_buckets(out / f"longtail-{s}.png", per_model, s, buckets)
     return 0
 
 
 # -- benchmarks -----------------------------------------------------------------------
 def cmd_bench(args) -> int:
-    import runpy
-    from pathlib import Path
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{args.which}.py"
-    if not script.exists():
-        raise ReaudioError(f"benchmark script not found: {script} (benchmarks run from a source checkout)")
-    sys.argv = [str(script), *args.rest]
-    runpy.run_path(str(script), run_name="__main__")
+    """Import ``benchmarks.<which>`` from the source checkout this package lives in and call its ``main(argv)``.
+    benchmarks/ is not part of an installed wheel: without it, one line says so."""
+    import importlib
+    root = Path(__file__).resolve().parent.parent
+    script = root / "benchmarks" / args.which  # a module benchmarks/NAME.py or a package benchmarks/NAME/
+    if not (script.with_suffix(".py").exists() or (script / "__init__.py").exists()):
+        raise ReaudioError(f"benchmark not found: {script} (benchmarks run from a source checkout)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    importlib.import_module(f"benchmarks.{args.which}").main(list(args.rest))
     return 0
 
 
@@ -501,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_longtail)
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
-    p.add_argument("which", choices=["retrievers", "generation", "training"])
+    p.add_argument("which", choices=["retrievers", "generation", "training", "checks"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser

@@ -262,6 +262,21 @@ def _describe(model) -> dict:
             "weights": getattr(model, "checkpoint", None) or getattr(model, "weights", None)}
 
 
+def parse_model_spec(text: str | None) -> tuple[str | None, dict]:
+    """``NAME`` or ``NAME:key=value,key=value`` -> (name, params); values are parsed as YAML scalars."""
+    if not text:
+        return None, {}
+    import yaml
+    name, _, rest = text.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        if "=" not in item:
+            raise ReaudioError(f"feature-model parameter '{item}' is not key=value (e.g. vggish:checkpoint=PATH)")
+        key, value = item.split("=", 1)
+        params[key.strip()] = yaml.safe_load(value)
+    return name.strip(), params
+
+
 def _model(spec, params=None):
     if spec is None or not isinstance(spec, str):
         return spec

@@ -125,7 +125,8 @@ class AudioEncoder(ABC):
     @abstractmethod
     def embed(self, waveforms: Sequence[np.ndarray]) -> torch.Tensor:
         """``waveforms``: 1-D float32 arrays at 16 kHz, any length > 0 (a zero-length one raises
-        ``ValueError`` or ``ReaudioError``). ``[B, dim]`` float32, L2-normalised; ``embed([])`` is ``[0, dim]``."""
+        ``ValueError`` or ``ReaudioError``). ``[B, dim]`` float32, L2-normalised (an all-zero waveform may give
+        an all-zero row); ``embed([])`` is ``[0, dim]``."""
 
     @abstractmethod
     def encode_tokens(self, waveforms: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -348,3 +348,62 @@ def eval_items_with_labels(evaluation: Mapping, labels_by_name: Mapping[str, Seq
             row["hit"] = 1.0 if it["top_class"] in labels else 0.0
         out.append(row)
     return out
+
+
+def longtail_report(train: str | Path, *, train_labels: str = "column", edges: Sequence[int] = (0, 1, 11, 101, 1001),
+                    evals: Mapping[str, str | Path] | None = None, prompts: str | Path | None = None,
+                    prompt_labels: str = "column", multi_label: str = "min", audioset: str | Path | None = None,
+                    audioset_source: str = "ontology", out: str | Path | None = None) -> str:
+    """``reaudio longtail``: count the labels of ``train`` (a manifest CSV or a database directory), bucket them
+    at ``edges`` and, for each ``evals`` entry (model name -> a ``reaudio evaluate --json`` file), score the
+    clips per bucket, labelled through the ``prompts`` CSV. ``train_labels`` / ``prompt_labels``: ``column``
+    (the label/category column), ``audioset`` (AudioSet names in captions, ontology from ``audioset``) or a
+    column name. Returns the markdown report; with ``out``, also writes longtail.md, longtail.json and
+    longtail-<score>.png there."""
+    matcher = None
+    if "audioset" in (train_labels, prompt_labels):
+        if audioset is None:
+            raise ReaudioError("AudioSet labels need the folder with ontology.json (--audioset DIR)")
+        matcher = AudioSetMatcher.from_dir(audioset, audioset_source)
+    train = Path(train)
+    if train.is_dir():
+        from .database import Database
+        labels = labels_from_database(Database.open(train), matcher=matcher if train_labels == "audioset" else None)
+    else:
+        labels = labels_from_manifest(train, label_column=None if train_labels in ("column", "audioset")
+                                      else train_labels,
+                                      matcher=matcher if train_labels == "audioset" else None)
+    counts = count_labels(labels)
+    buckets = Buckets(tuple(edges))
+    per_model, scores = {}, ("kl", "hit", "clap_cosine")
+    if evals:
+        if not prompts:
+            raise ReaudioError("--eval needs --prompts CSV (file and caption columns, optionally label) to give each "
+                               "generated clip its labels")
+        from .evaluation import FILE_COLUMNS
+        rows, cols = _csv_rows(prompts)
+        ncol = next((cols[c] for c in FILE_COLUMNS if c in cols), None)
+        if ncol is None:
+            raise ReaudioError(f"{prompts}: needs a file column ({'/'.join(FILE_COLUMNS)})")
+        labels = labels_from_manifest(prompts, label_column=None if prompt_labels in ("column", "audioset")
+                                      else prompt_labels,
+                                      matcher=matcher if prompt_labels == "audioset" else None)
+        by_name = {Path((r.get(ncol) or "").strip()).with_suffix("").as_posix(): lab for r, lab in zip(rows, labels)}
+        for name, path in evals.items():
+            res = json.loads(Path(path).read_text(encoding="utf-8"))
+            labels_of = (res.get("feature_models") or {}).get("classifier") or {}
+            items = eval_items_with_labels(res, by_name, labels_of.get("labels"))
+            per_model[name] = bucket_scores(items, counts, buckets, scores, multi_label)
+    note = matcher.description if matcher is not None else None
+    universe = matcher.names if train_labels == "audioset" else None
+    text = report_markdown(counts, buckets, per_model, [s for s in scores if per_model], note, str(train), universe)
+    if out:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "longtail.md").write_text(text, encoding="utf-8")
+        (out / "longtail.json").write_text(json.dumps({"label_note": note, "buckets": buckets.names,
+                                                       "counts": dict(counts), "models": per_model}, indent=1))
+        for s in scores:
+            if any(b[s]["n"] for r in per_model.values() for b in r["buckets"].values()):
+                plot_buckets(out / f"longtail-{s}.png", per_model, s, buckets)
+    return text

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import conditioning
+from . import checks, conditioning
 from .conditioning import feature_key  # noqa: F401  (re-exported: its old home)
 from .config import CONFIG_FILE, RECORD_KEY, SLOTS, build, compose, load_config, save_config
 from .interfaces import SAMPLE_RATE, Conditioning
@@ -114,6 +114,7 @@ def clean_prompt(prompt: str) -> tuple[str, list[str]]:
 
 class ReAudioPipeline:
     model_dir: Path | None = None
+    notes: tuple[str, ...] = ()  #: load-time notes (e.g. another encoder than the model's), in every Generation
 
     def __init__(self, cfg: dict, components: dict, database=None):
         self.cfg = cfg
@@ -195,6 +196,7 @@ class ReAudioPipeline:
             cfg["generation"]["database"] = _ref(db_ref, db)
         pipe = cls(cfg, components, database)
         pipe.model_dir = model_dir
+        pipe.notes = pipe._check_trained_encoders()
         return pipe
 
     @classmethod
@@ -265,6 +267,19 @@ class ReAudioPipeline:
                     f"the database was embedded with text_encoder {db_enc.get('name')!r} {db_enc.get('params')}, "
                     f"this model queries with {self.cfg['text_encoder']['name']!r} {self.cfg['text_encoder']['params']}"
                     ": rebuild the database with the model's text encoder")
+
+    def _check_trained_encoders(self) -> tuple[str, ...]:
+        """Warn (and return notes) where this pipeline encodes with another text / caption / audio encoder
+        than the model in :attr:`model_dir` was trained with, as its saved ``config.yaml`` records them
+        (:func:`reaudio_core.checks.encoder_swaps`). A warning, not an error: a deliberate ablation may do it;
+        a dimension mismatch stays an error (:meth:`_check_wiring`)."""
+        if self.model_dir is None or not (self.model_dir / "config.yaml").is_file():
+            return ()
+        loaded = [s for s in WEIGHTED_SLOTS if (self.model_dir / s).is_dir()]
+        notes = checks.encoder_swaps(load_config(self.model_dir), self.cfg, f"the model in {self.model_dir}", loaded)
+        for note in notes:
+            warnings.warn(note, stacklevel=3)
+        return tuple(notes)
 
     # -- conditioning -------------------------------------------------------------------
     def retrieve(self, prompt_emb: torch.Tensor, k: int) -> list[list[dict]]:
@@ -356,7 +371,12 @@ class ReAudioPipeline:
         if d.audio_dim is not None and retrieval in ("audio", "audio+text"):
             parts = [self._audio_tokens(nb) for nb in neighbours]
             tokens = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        return conditioning.assemble(prompt, uncond, captions, tokens), uncond, neighbours
+        cond = conditioning.assemble(prompt, uncond, captions, tokens)
+        if checks.enabled():  # what the denoiser gets: widths, and conditional and unconditional streams agree
+            streams = {"prompt": "text_encoder", "captions": "caption_encoder", "audio": "audio_encoder"}
+            checks.check_conditioning(cond, uncond, d, {f: f"{s} '{self.cfg[s]['name']}'" for f, s in streams.items()
+                                                        if self.cfg.get(s)})
+        return cond, uncond, neighbours
 
     # -- sampling -----------------------------------------------------------------------
     def latent_shape(self, duration: float) -> tuple[int, int, int]:
@@ -471,7 +491,7 @@ class ReAudioPipeline:
             notes.append("no reranker configured: keeping the first candidate of each prompt")
         idx = torch.tensor(best)
         return Generation(cleaned, waves[torch.arange(P), idx], mels[torch.arange(P), idx], neighbours, scores,
-                          self.vocoder.sample_rate, notes)
+                          self.vocoder.sample_rate, [*self.notes, *notes])
 
     def reranker_text(self, prompts: list[str]) -> torch.Tensor:
         """Text side of the re-ranking joint space: the text encoder of the reranker's name."""
@@ -596,7 +616,7 @@ def _load_slot(cfg: dict, slot: str, folder: Path, folder_ref: str, base: dict |
                                f"weights ({_dotted(slot, (p[0], 'params', 'checkpoint'))}=PATH) or leave it as saved")
         overrides = {p[0]: v for p, v in other.items()}
         try:
-            component = spec.cls.from_pretrained(folder, **overrides)
+            component = reg.wrap(kind, entry["name"], spec.cls.from_pretrained(folder, **overrides))
         except (ReaudioError, TypeError, ValueError) as exc:
             if not overrides:
                 raise

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import numbers
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -33,6 +35,47 @@ class ReaudioError(Exception):
 class UnknownName(ReaudioError, KeyError):
     def __str__(self):  # KeyError would quote the message
         return self.args[0]
+
+
+class ParamTypeError(ReaudioError, TypeError):
+    """A component parameter of another type than its registered default."""
+
+
+def param_type_problem(value, default) -> str | None:
+    """What ``value`` would have to be to stand where the registered default is ``default``, or None when
+    it may: a None default (or value) accepts anything; a bool default wants a bool; an int default an integer
+    (not a bool, not 2.0); a float default any real number (an int is fine); a str default a string or path;
+    a list default a list or tuple whose items fit the default's items (when those share one type); a dict
+    default a mapping whose keys that the default names fit those entries (other keys: the component's call)."""
+    if default is None or value is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, numbers.Integral):
+        return None if isinstance(value, numbers.Integral) and not isinstance(value, bool) else "an integer"
+    if isinstance(default, numbers.Real):
+        return None if isinstance(value, numbers.Real) and not isinstance(value, bool) else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, (str, os.PathLike)) else "a string"
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            return "a list"
+        kinds = {type(d) for d in default}
+        if default and len(kinds) == 1:
+            for i, item in enumerate(value):
+                problem = param_type_problem(item, default[0])
+                if problem:
+                    return f"a list of items that are each {problem} (item {i} is {item!r})"
+        return None
+    if isinstance(default, Mapping):
+        if not isinstance(value, Mapping):
+            return "a mapping"
+        for key in set(default) & set(value):
+            problem = param_type_problem(value[key], default[key])
+            if problem:
+                return f"a mapping whose '{key}' is {problem} (it is {value[key]!r})"
+        return None
+    return None if isinstance(value, type(default)) else f"a {type(default).__name__}"
 
 
 def closest(name: str, options) -> str:
@@ -76,6 +119,13 @@ class ComponentSpec:
         names = {p.name for p in sig.parameters.values()
                  if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"}
         return sorted(names | set(self.defaults))
+
+    def default(self, key: str):
+        """The default of parameter ``key``: the registered one, else the constructor's (None if neither)."""
+        if key in self.defaults or self.cls is None:
+            return self.defaults.get(key)
+        p = inspect.signature(self.cls.__init__).parameters.get(key)
+        return None if p is None or p.default is p.empty else p.default
 
 
 class Registry:
@@ -132,7 +182,8 @@ class Registry:
         return spec
 
     def resolve_params(self, kind: str, name: str, params: dict | None) -> dict:
-        """Defaults overlaid with ``params``; unknown keys are an error naming the known ones. Works for a
+        """Defaults overlaid with ``params``; unknown keys are an error naming the known ones, a value of
+        another type than its default a :class:`ParamTypeError` (:func:`param_type_problem`). Works for a
         catalogued component whose plugin is not loaded (checked against registry.yaml's defaults);
         building it is what needs the plugin."""
         spec = self.spec(kind, name, available=False)
@@ -141,11 +192,26 @@ class Registry:
         for key in params:
             if key not in known:
                 raise UnknownName(f"{kind} '{name}' has no parameter '{key}'. {closest(key, known)}")
+        for key, value in params.items():  # against the registered default's type
+            default = spec.default(key)
+            problem = param_type_problem(value, default)
+            if problem:
+                raise ParamTypeError(f"{kind} '{name}' parameter '{key}' must be {problem}, got {value!r} "
+                                     f"({type(value).__name__}; the default is {default!r})")
         return {**spec.defaults, **params}
 
     def create(self, kind: str, name: str, **params):
+        """Build a component, its outputs checked against its contract (:func:`wrap`)."""
         spec = self.spec(kind, name)
-        return spec.cls(**self.resolve_params(kind, name, params))
+        return self.wrap(kind, name, spec.cls(**self.resolve_params(kind, name, params)))
+
+    def wrap(self, kind: str, name: str, obj):
+        """``obj`` (a component of ``kind`` registered as ``name``, built by :meth:`create` or e.g. by its class's
+        ``from_pretrained``) with every output that crosses an interface checked (:mod:`reaudio_core.checks`);
+        a violation is a ``ContractViolation`` naming the component and its distribution."""
+        from .checks import checked
+        spec = self.components.get((kind, name))
+        return checked(obj, kind, name, f"{spec.distribution} {spec.version}" if spec else "?")
 
     def preset(self, name: str) -> dict:
         if name not in self.presets:

@@ -7,9 +7,8 @@ live in :mod:`reaudio_core.testing`; this repository's contract tests run them o
 """
 from __future__ import annotations
 
-import copy
-
-from reaudio_core import create, get_registry
+from reaudio_core import get_registry
+from reaudio_core.testing import Context
 
 BUILTIN = "reaudio"  #: the distribution whose components this repository's suite tests
 
@@ -19,11 +18,11 @@ TINY_PARAMS: dict[tuple[str, str], dict] = {key: spec.tiny for key, spec in get_
 
 
 def tiny(kind: str, name: str, **extra):
-    """Build the registered component ``(kind, name)`` at its declared tiny size."""
-    spec = get_registry().spec(kind, name)
-    if spec.tiny is None:
-        raise AssertionError(f"{kind} '{name}' declares no tiny parameters (register(..., tiny={{...}}))")
-    return create(kind, name, **{**copy.deepcopy(spec.tiny), **extra})
+    """Build the registered component ``(kind, name)`` at its declared tiny size (``extra`` overlaid), the way
+    the kit builds it: one guard, :meth:`reaudio_core.testing.Context.new`, for a component without them."""
+    registry = get_registry()
+    spec = registry.spec(kind, name)
+    return Context(spec, spec.tiny, registry).new(**extra)
 
 
 def builtin_names(kind: str) -> list[str]:

@@ -112,8 +112,8 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, clips, capsys, monkey
     line = error_line(capsys, main(["generate", "a dog", "-o", str(afile), *TINY_GEN]))  # a folder output
     assert str(afile) in line
 
-    import reaudio_core.database as database
-    monkeypatch.setattr(database, "_embed_rows", lambda *a, **k: pytest.fail("embedded"))
+    import reaudio_core.database.build as database_build
+    monkeypatch.setattr(database_build, "_embed_rows", lambda *a, **k: pytest.fail("embedded"))
     line = error_line(capsys, main(["index", "build", "--manifest", str(clips / "good.csv"),
                                     "--out", str(afile / "db"), *DB_ARGS]))
     assert str(afile) in line
@@ -167,7 +167,7 @@ def test_a_failure_while_writing_removes_the_new_folder_but_never_a_live_databas
 
     def broken(*a, **k):
         raise OSError(28, "No space left on device", "somewhere")
-    monkeypatch.setattr(database, "_write_version", broken)
+    monkeypatch.setattr(database.build, "_write_version", broken)
     out = tmp_path / "fresh"
     error_line(capsys, main(["index", "build", "--manifest", str(clips / "good.csv"), "--out", str(out), *DB_ARGS]))
     assert not out.exists()

@@ -1,4 +1,4 @@
-"""The Denoiser contract (reaudio_core/testing.py rules) on every registered denoiser at its declared tiny size."""
+"""The Denoiser contract (reaudio_core/testing/ rules) on every registered denoiser at its declared tiny size."""
 import pytest
 import torch
 

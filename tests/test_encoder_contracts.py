@@ -1,4 +1,4 @@
-"""Contract tests over every registered text and audio encoder: the rules of reaudio_core/testing.py, one test per
+"""Contract tests over every registered text and audio encoder: the rules of reaudio_core/testing/, one test per
 encoder and rule, each encoder built at the tiny size its plugin declares (random weights where the real ones
 cannot be on this machine; MiniLM is real). Third-party encoders are listed, skipped: check-plugin tests them."""
 from component_factories import BUILTIN

@@ -359,7 +359,7 @@ def test_clap_score_with_prompts(tmp_path):
     assert r["feature_models"]["clap"]["name"] == "clap"
 
 
-# -- contract over every registered feature model (rules: reaudio_core/testing.py) -----------------------
+# -- contract over every registered feature model (rules: reaudio_core/testing/) -----------------------
 test_feature_model_contract = contract_tests(BUILTIN, kinds=["feature_model"], skip_others=True)
 
 

@@ -1,4 +1,4 @@
-"""`reaudio experiment` and the long-tail report (reaudio_core/experiment.py, reaudio_core/longtail.py).
+"""`reaudio experiment` and the long-tail report (reaudio_core/experiment/, reaudio_core/longtail.py).
 
 The end-to-end test runs a micro grid (4 synthetic classes of 2 clips, MiniLM, tiny VAE / UNet,
 Griffin-Lim, 3 training steps, 0.32 s clips) through training, generation, evaluation and reporting,
@@ -286,3 +286,16 @@ def test_training_include_ids_selects_and_checks_items(micro):
     with pytest.raises(ReaudioError, match="include_ids: \\[99\\] are not item ids"):
         T.LdmStage(compose(None, [root / "base.yaml"], [f"training.database={db}", "training.include_ids=[0,99]"]),
                    DistEnv(), progress=False)
+
+
+def test_override_values_are_plain_yaml_and_tags_are_refused(tmp_path):
+    from reaudio_core.experiment import load_experiment
+    from reaudio_core.registry import ReaudioError
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("name: t\nseeds: [0, 1]\n")
+    spec = load_experiment(cfg, ["seeds=[3]"], out=tmp_path / "out")
+    assert spec["seeds"] == [3]
+    marker = tmp_path / "ran"
+    with pytest.raises(ReaudioError, match="not plain YAML"):
+        load_experiment(cfg, [f"seeds=!!python/object/apply:os.system ['touch {marker}']"], out=tmp_path / "out")
+    assert not marker.exists()

@@ -158,3 +158,12 @@ def test_wheel_installs_and_generates_from_another_directory(tmp_path):
     assert sr == 16000
     assert len(wav) > sr  # the offline preset's 5.12 s
     assert float(np.sqrt(np.mean(np.square(wav)))) > 1e-3
+
+
+def test_every_subpackage_of_the_core_ships_in_the_wheel():
+    """pyproject lists packages explicitly (plugins/ installs as reaudio_plugins): a new subpackage of reaudio_core
+    that is not listed would be missing from a wheel while an editable install hides it."""
+    import tomllib
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "reaudio_core").rglob("__init__.py")}
+    assert found - listed == set(), f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"

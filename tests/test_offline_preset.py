@@ -19,13 +19,9 @@ SHIPPED = resolve_path("pkg:reaudio_plugins/weights/offline")
 
 @pytest.fixture
 def script():
-    """scripts/offline_preset.py as a module (fresh per test, so monkeypatching stays local); skips without
-    the ESC-50 clips beside the checkout."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("offline_preset", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "offline_preset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """research/offline_preset.py (monkeypatch restores what a test changes in it); skips without the ESC-50
+    clips beside the checkout."""
+    import research.offline_preset as module
     if not (module.DATA / "metadata.csv").exists():
         pytest.skip("../shared/data/esc50-fold4 is not beside the checkout")
     return module
@@ -71,7 +67,7 @@ def test_shipped_denoiser_is_the_pool7_ldm_and_its_low_noise_expert(pipe):
 
 
 def test_experts_stage_pairs_a_model_with_a_low_noise_expert(tmp_path, monkeypatch, script):
-    """scripts/offline_preset.py experts: a loadable pipeline directory whose denoiser is the base model's
+    """research/offline_preset.py experts: a loadable pipeline directory whose denoiser is the base model's
     UNet above the boundary and the given expert below it, everything else the base's."""
     import argparse
     import shutil
@@ -130,7 +126,7 @@ def test_cli_default_is_the_shipped_preset(tmp_path):
 
 
 def test_conditional_names_what_the_ldm_learned_under_each_retrieved_set(tmp_path, monkeypatch, script):
-    """scripts/offline_preset.py conditional: for each class prompt, the training clips whose stored
+    """research/offline_preset.py conditional: for each class prompt, the training clips whose stored
     neighbours are exactly the retrieved set are never in that set, and their after-VAE predictions come
     from the ceiling file it was given (here a doctored one: every clip heard as 'dog')."""
     import json
@@ -153,7 +149,7 @@ def test_conditional_names_what_the_ldm_learned_under_each_retrieved_set(tmp_pat
 
 
 def test_renoise_at_t0_zero_is_the_vae_round_trip(tmp_path, monkeypatch, pipe, script):
-    """scripts/offline_preset.py renoise: t0 = 0 runs no denoising step, so its predictions are the classifier's
+    """research/offline_preset.py renoise: t0 = 0 runs no denoising step, so its predictions are the classifier's
     on the VAE round trip of the real clips (computed here independently); every start yields one prediction
     per clip and a row per class in the table."""
     import csv
@@ -188,7 +184,7 @@ def test_shipped_model_card_is_the_docs_copy():
 
 
 def test_demo_counts_what_the_classifier_hears_per_prompt_and_seed(tmp_path, monkeypatch, script):
-    """scripts/offline_preset.py demo: clips come seed-major (all four prompts for seed 0, then seed 1), and
+    """research/offline_preset.py demo: clips come seed-major (all four prompts for seed 0, then seed 1), and
     each prompt's row counts its own clips. Fed real clips (dog, rain, frog, siren: frog where church bells
     is asked) instead of generations, the rows must follow the classifier's verdict on those clips."""
     import argparse

@@ -1,4 +1,4 @@
-"""The plugin-author test kit (reaudio_core/testing.py): ``reaudio check-plugin DIST`` on third-party packages
+"""The plugin-author test kit (reaudio_core/testing/): ``reaudio check-plugin DIST`` on third-party packages
 written here and pip-installed into a private directory, the pytest helper in a plugin's own suite, and this
 repository's suite staying green with a broken third-party plugin installed."""
 import os

@@ -1,4 +1,4 @@
-"""Retrievers: the contract (reaudio_core/testing.py rules) over every registered retriever and the built-in
+"""Retrievers: the contract (reaudio_core/testing/ rules) over every registered retriever and the built-in
 index variants its defaults do not reach, then component-specific behaviour."""
 import warnings
 

@@ -494,6 +494,6 @@ def test_griffin_lim_short_and_seeded():
         GriffinLim(n_iter=2, momentum=1.0, seed=None, mel_inverse="pinv")
 
 
-# -- contract tests over every registered decoder / vocoder (rules: reaudio_core/testing.py) ----------------
+# -- contract tests over every registered decoder / vocoder (rules: reaudio_core/testing/) ----------------
 test_decoder_contract = contract_tests(BUILTIN, kinds=["decoder"], skip_others=True)
 test_vocoder_contract = contract_tests(BUILTIN, kinds=["vocoder"], skip_others=True)

@@ -1,7 +1,7 @@
 """Train the offline preset's GPU recipe inside a fixed time box (say a GPU lent for a few minutes). Not yet
-run on a GPU: the shipped weights come from the CPU recipe (scripts/offline_preset.py train).
+run on a GPU: the shipped weights come from the CPU recipe (research/offline_preset.py train).
 
-    python scripts/gpu_timeboxed.py --seconds 540 --pack OUTDIR
+    python research/gpu_timeboxed.py --seconds 540 --pack OUTDIR
 
 1. Probes: ``reaudio train`` of configs/offline-gpu-vae.yaml and configs/offline-gpu-ldm.yaml for a few
    steps each (into runs/probe-*), which also checks the whole path (data, caches, export) before the real
@@ -13,7 +13,7 @@ run on a GPU: the shipped weights come from the CPU recipe (scripts/offline_pres
 3. ``--pack DIR``: the final exports with float weights halved (what the preset ships anyway), their
    logs and ``timebox.json`` (the chosen max_steps, measured rates, wall times), as a tar cut in 15 MB parts.
 
-``python scripts/gpu_timeboxed.py --prepare [--db runs/esc50-db]`` (on a machine with MiniLM installed, before copying the repository to
+``python research/gpu_timeboxed.py --prepare [--db runs/esc50-db]`` (on a machine with MiniLM installed, before copying the repository to
 a GPU box that has neither MiniLM's weights nor faiss): builds runs/esc50-db with ``retriever=torch`` and fills its
 text caches (prompt embeddings, empty inputs, caption states) with a 1-step ldm run on a 2-step scratch VAE, so
 the ldm stage trains there without the text encoder (docs/training.md). Then copy runs/esc50-db and the audio

@@ -2,7 +2,7 @@
 
 One command retrains the shipped weights from the real ESC-50 fold-4 audio and re-runs the checks::
 
-    python scripts/offline_preset.py all
+    python research/offline_preset.py all
 
 Stages (each can be run alone; each resumes or skips what is already done):
 
@@ -345,7 +345,7 @@ def demo(args) -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2))
     md = [f"Model: {out['model']}; classifier: {out['classifier']}; 16 kHz, {gen['duration']} s, {gen['steps']} "
           f"{gen['sampler']} steps, guidance {gen['guidance']}, k {gen['k']}; seeds 0-{len(seeds) - 1}. Command: "
-          "`python scripts/offline_preset.py demo` (options in the file name).", "",
+          "`python research/offline_preset.py demo` (options in the file name).", "",
           "| prompt | heard as asked | heard otherwise |", "|---|---|---|"]
     for p, d in out["prompts"].items():
         hits = sum(h == d["asked"] for h in d["top1_per_seed"])
@@ -665,7 +665,7 @@ def renoise(args) -> None:
           f"t0 of {RENOISE_STEPS} at guidance "
           f"{guidance}, conditioned on what the class prompt retrieves (k = {gen['k']}); t0 = 0 is the VAE round "
           "trip alone, t0 = 1000 starts from pure noise (plain generation from these noises). Cells: clips heard as "
-          "the class / clips (the other predictions). Command: `python scripts/offline_preset.py renoise`.", "",
+          "the class / clips (the other predictions). Command: `python research/offline_preset.py renoise`.", "",
           "| class | " + " | ".join(f"t0 = {s}" for s in RENOISE_STARTS) + " |",
           "|---|" + "---|" * len(RENOISE_STARTS)]
     for cls, v in out["classes"].items():
