@@ -43,6 +43,7 @@ def timed_checks(spent: dict):
     """Make every output check (and the conditioning check) add its time to ``spent[name]``; must run
     before the checked pipeline is built (checked classes capture the check functions). Returns the undo."""
     saved = ({kind: dict(methods) for kind, methods in checks.CHECKS.items()}, checks.check_conditioning)
+    checks._CLASSES.clear()  # checked classes made earlier in this process captured the untimed checks
 
     def undo():
         for kind, methods in saved[0].items():

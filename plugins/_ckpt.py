@@ -2,18 +2,18 @@
 
 Weights are read only from safetensors or with ``torch.load(..., weights_only=True)``; a
 pickle that holds anything other than tensors and plain containers is refused. Writes are
-atomic (:func:`reaudio_core.io.atomic_write`).
+atomic (temporary file in the same folder, then ``os.replace``); the folder readers/writers
+(``read_json``, ``write_json``, ``write_safetensors``) live in :mod:`reaudio_core.pretrained`.
 """
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
 import torch
 
 from reaudio_core import ReaudioError
-from reaudio_core.io import atomic_write
+from reaudio_core.pretrained import read_json, write_json, write_safetensors  # noqa: F401  (re-exported)
 
 
 def read_weights(path: str | Path) -> dict:
@@ -54,31 +54,6 @@ def lightning_state_dict(obj: dict) -> dict:
 def sub_state_dict(sd: dict, prefix: str) -> dict:
     """Entries under ``prefix`` with the prefix removed."""
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def read_json(path: str | Path) -> dict:
-    """A component's JSON file (``config.json`` of a saved folder): a dict, or a :class:`ReaudioError`
-    naming the file and what to do when it is missing, unreadable or not a JSON object."""
-    hint = ("re-save the component (save_pretrained / `reaudio train`) or restore the file; a folder from "
-            "elsewhere must be the complete folder as written")
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReaudioError(f"cannot read {path}: {exc}; {hint}") from None
-    if not isinstance(data, dict):
-        raise ReaudioError(f"{path}: expected a JSON object, found {type(data).__name__}; {hint}")
-    return data
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n",
-                                                        encoding="utf-8"))
-
-
-def write_safetensors(path: str | Path, state_dict: dict) -> None:
-    from safetensors.torch import save_file
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def load_strict(module: torch.nn.Module, state_dict: dict, what: str, hint: str = "") -> None:

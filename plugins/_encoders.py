@@ -6,8 +6,8 @@
   supply it -- nothing ever waits on the network;
 * deterministic random initialisation (``random_init: true`` + ``seed``), only when asked;
 * token padding / masked pooling that every text encoder shares;
-* ``save_pretrained`` / ``from_pretrained`` plumbing (``config.json`` with the constructor
-  keywords + ``model.safetensors``), written atomically.
+* ``from_pretrained`` plumbing (:func:`read_component_config`; the folder itself is written by
+  :class:`reaudio_core.pretrained.Pretrained`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from reaudio_core import ReaudioError
-from reaudio_core.io import atomic_dir  # noqa: F401  (save_pretrained's folder writer, re-exported)
 from reaudio_core.optional import require
 
 CONFIG_FILE = "config.json"
@@ -261,15 +260,11 @@ def shared(key: dict, build: Callable[[], Any]) -> _Holder:
     return holder
 
 
-# -- save_pretrained / from_pretrained ------------------------------------------------------------
-def write_component_config(directory: Path, kwargs: dict) -> None:
-    from ._ckpt import write_json
-    write_json(directory / CONFIG_FILE, kwargs)
-
-
+# -- from_pretrained ----------------------------------------------------------------------------
 def read_component_config(cls, kind: str, name: str, directory: str | Path, overrides: dict) -> dict:
     """Constructor keywords for ``cls.from_pretrained(directory, **overrides)``: registry
-    defaults < saved ``config.json`` < ``overrides``; ``pretrained`` points at ``directory``."""
+    defaults < saved ``config.json`` < ``overrides``; ``cls.weights_param`` (``pretrained``) points at
+    ``directory``."""
     import inspect
     from ._ckpt import read_json
     directory = Path(directory)
@@ -285,7 +280,7 @@ def read_component_config(cls, kind: str, name: str, directory: str | Path, over
         defaults = {}
     accepted = {p for p in inspect.signature(cls.__init__).parameters if p != "self"}
     kwargs = {k: v for k, v in {**defaults, **saved}.items() if k in accepted}
-    kwargs.update(pretrained=str(directory), random_init=False)
+    kwargs.update({cls.weights_param: str(directory), "random_init": False})
     unknown = set(overrides) - accepted
     if unknown:
         raise ReaudioError(f"{name} {kind} has no parameter(s) {sorted(unknown)}; known: {sorted(accepted)}")

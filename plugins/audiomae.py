@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from reaudio_core import AudioEncoder, ReaudioError, hookimpl
+from reaudio_core import AudioEncoder, Pretrained, ReaudioError, hookimpl
 from reaudio_core.optional import require
 
 from . import _encoders as E
@@ -89,7 +89,7 @@ def audiomae_state_dict(obj: dict, path) -> tuple[dict, list[str]]:
     return sd, dropped
 
 
-class AudioMAEEncoder(AudioEncoder):
+class AudioMAEEncoder(Pretrained, AudioEncoder):
     """AudioMAE ViT on the Kaldi fbank: 32 pooled tokens per clip (reference section 3)."""
 
     def __init__(self, *, pretrained, random_init, size, config, seed, pool, average_last, device, batch_size):
@@ -148,18 +148,19 @@ class AudioMAEEncoder(AudioEncoder):
                     hint=f"The model is {self.arch}; set size/config to the checkpoint's architecture.")
         return vit.to(self.device).eval(), f"AudioMAE {path}", {"ignored": dropped}
 
-    # -- persistence ------------------------------------------------------------------------------
-    def save_pretrained(self, directory) -> None:
-        """``config.json`` (constructor keywords) + ``model.safetensors`` (timm ViT keys)."""
-        from ._ckpt import write_safetensors
-        with E.atomic_dir(directory) as tmp:
-            write_safetensors(tmp / E.WEIGHTS_FILE, self.vit.state_dict())
-            E.write_component_config(tmp, {**self._kwargs, "pretrained": None, "random_init": False,
-                                           "config": dict(self.arch), "pool": list(self.pool)})
+    # -- persistence (Pretrained): config.json + model.safetensors (timm ViT keys) ---------------------
+    weights_param = "pretrained"
+
+    def _config(self) -> dict:
+        return {**self._kwargs, "pretrained": None, "random_init": False, "config": dict(self.arch),
+                "pool": list(self.pool)}
+
+    def _state_dict(self) -> dict:
+        return self.vit.state_dict()
 
     @classmethod
-    def from_pretrained(cls, directory, **overrides):
-        return cls(**E.read_component_config(cls, "audio_encoder", "audiomae", directory, overrides))
+    def _pretrained_params(cls, directory, overrides) -> dict:
+        return E.read_component_config(cls, cls.kind, "audiomae", directory, overrides)
 
     # -- encoding ---------------------------------------------------------------------------------
     def _contextual(self, waves):

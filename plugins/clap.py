@@ -48,7 +48,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from reaudio_core import AudioEncoder, ReaudioError, TextEncoder, hookimpl
+from reaudio_core import AudioEncoder, Pretrained, ReaudioError, TextEncoder, hookimpl
 from reaudio_core.optional import require
 
 from . import _encoders as E
@@ -453,7 +453,7 @@ class _LaionBundle:
 
 
 # -- components ------------------------------------------------------------------------------------
-class _ClapBase:
+class _ClapBase(Pretrained):
     _kind = ""
 
     def __init__(self, *, pretrained, processor, backend, random_init, size, config, seed, device, batch_size,
@@ -500,24 +500,31 @@ class _ClapBase:
             raise ReaudioError(f"clap backend 'laion' gives embeddings only; {what} needs backend=transformers "
                                "(the same checkpoint, converted)")
 
-    # -- persistence ------------------------------------------------------------------------------
+    # -- persistence (Pretrained) -------------------------------------------------------------------
+    weights_param = "pretrained"
+
     def save_pretrained(self, directory) -> None:
         """``config.json`` (constructor keywords), ``model.safetensors`` (ClapModel weights),
         ``clap_config.json``, tokenizer and ``preprocessor_config.json``."""
         self._need_transformers("save_pretrained")
-        from ._ckpt import write_json, write_safetensors
-        with E.atomic_dir(directory) as tmp:
-            write_safetensors(tmp / E.WEIGHTS_FILE, self.model.state_dict())
-            write_json(tmp / "clap_config.json", self.bundle.config.to_dict())
-            self.bundle.tokenizer.save_pretrained(str(tmp))
-            if self.bundle.fe is not None:
-                self.bundle.fe.save_pretrained(str(tmp))
-            E.write_component_config(tmp, {**self._kwargs, "pretrained": None, "processor": None,
-                                           "random_init": False, "config": None})
+        super().save_pretrained(directory)
+
+    def _config(self) -> dict:
+        return {**self._kwargs, "pretrained": None, "processor": None, "random_init": False, "config": None}
+
+    def _state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def _save_extra(self, directory) -> None:
+        from ._ckpt import write_json
+        write_json(directory / "clap_config.json", self.bundle.config.to_dict())
+        self.bundle.tokenizer.save_pretrained(str(directory))
+        if self.bundle.fe is not None:
+            self.bundle.fe.save_pretrained(str(directory))
 
     @classmethod
-    def from_pretrained(cls, directory, **overrides):
-        return cls(**E.read_component_config(cls, cls.kind, "clap", directory, overrides))
+    def _pretrained_params(cls, directory, overrides) -> dict:
+        return E.read_component_config(cls, cls.kind, "clap", directory, overrides)
 
     # -- text ---------------------------------------------------------------------------------------
     def _text_batches(self, texts, max_tokens=None):

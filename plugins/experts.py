@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from reaudio_core import Conditioning, Denoiser, ReaudioError, hookimpl
+from reaudio_core import Conditioning, Denoiser, Pretrained, ReaudioError, hookimpl
 
-from ._ckpt import read_json, write_json
+from ._ckpt import read_json
 
 CONFIG_FILE = "config.json"
 WIDTHS = ("in_channels", "downsample", "prompt_dim", "text_dim", "audio_dim")
@@ -43,7 +43,7 @@ def _expert(entry, weights: Path | None, device: str) -> tuple[str, Denoiser]:
     if weights is None and params.get("checkpoint") and set(params) <= {"checkpoint", "device"}:
         weights = Path(params["checkpoint"])  # only a checkpoint: load it as saved, sizes and all
     if weights is not None:
-        if not hasattr(spec.cls, "from_pretrained"):
+        if not issubclass(spec.cls, Pretrained):
             raise ReaudioError(f"experts: denoiser '{name}' cannot load a saved directory ({weights})")
         return name, spec.cls.from_pretrained(weights, device=device)
     if "device" in reg.resolve_params("denoiser", name, {}):
@@ -51,7 +51,7 @@ def _expert(entry, weights: Path | None, device: str) -> tuple[str, Denoiser]:
     return name, reg.create("denoiser", name, **params)
 
 
-class ExpertDenoisers(Denoiser):
+class ExpertDenoisers(Pretrained, Denoiser):
     """``high`` above ``boundary``, ``low`` below; see the module docstring.
 
     ``boundary``: int in ``[1, 999]``. ``high`` / ``low``: ``{name, params}`` of a registered denoiser.
@@ -104,21 +104,23 @@ class ExpertDenoisers(Denoiser):
         return {"boundary": self.boundary, "high": {"name": self.high_name, "params": self.high.params},
                 "low": {"name": self.low_name, "params": self.low.params}, "checkpoint": None, "device": "cpu"}
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """``config.json`` (boundary, expert names) + ``high/`` and ``low/`` (each expert's save_pretrained)."""
-        directory = Path(directory)
+    # save_pretrained (Pretrained): config.json (boundary, expert names) + high/ and low/ (each expert's
+    # save_pretrained); no model.safetensors of its own
+    def _config(self) -> dict:
+        return {"boundary": self.boundary, "high": self.high_name, "low": self.low_name}
+
+    def _save_extra(self, directory: Path) -> None:
         self.high.save_pretrained(directory / "high")
         self.low.save_pretrained(directory / "low")
-        write_json(directory / CONFIG_FILE, {"boundary": self.boundary, "high": self.high_name, "low": self.low_name})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides) -> "ExpertDenoisers":
-        """Rebuild from a :meth:`save_pretrained` directory (``overrides``: ``device``)."""
+    def _pretrained_params(cls, directory: Path, overrides: dict) -> dict:
+        """The constructor reads the directory itself (``overrides``: ``device`` only)."""
         unknown = set(overrides) - {"device"}
         if unknown:
             raise ReaudioError(f"experts: from_pretrained takes only device=, got {sorted(unknown)}")
-        return cls(boundary=None, high=None, low=None, checkpoint=str(directory),
-                   device=overrides.get("device", "cpu"))
+        return dict(boundary=None, high=None, low=None, checkpoint=str(directory),
+                    device=overrides.get("device", "cpu"))
 
     def to(self, device) -> "ExpertDenoisers":
         for expert in (self.high, self.low):

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 
-from reaudio_core import ReaudioError, SAMPLE_RATE, Vocoder, hookimpl
+from reaudio_core import Pretrained, ReaudioError, SAMPLE_RATE, Vocoder, hookimpl
 from reaudio_core.mel import HOP_LENGTH, N_MELS
 
-from ._ckpt import (lightning_state_dict, load_strict, read_json, read_weights, sub_state_dict, write_json,
-                    write_safetensors)
+from ._ckpt import lightning_state_dict, load_strict, read_json, read_weights, sub_state_dict
 
 log = logging.getLogger("reaudio")
 
@@ -153,7 +152,7 @@ def read_vocoder_checkpoint(path: str | Path) -> tuple[dict, dict | None]:
     return convert_hifigan_state_dict(sd), None
 
 
-class HiFiGAN(Vocoder):
+class HiFiGAN(Pretrained, Vocoder):
     """HiFi-GAN v1 generator. Reference sizes: upsample_initial_channel 1024, upsample_rates [5, 4, 2, 2, 2],
     upsample_kernel_sizes [16, 16, 8, 4, 4], resblock kernels [3, 7, 11], dilations [[1, 3, 5]] x 3."""
 
@@ -197,28 +196,28 @@ class HiFiGAN(Vocoder):
     def config(self) -> dict:
         return {**self.arch, "checkpoint": None, "device": "cpu"}
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """``config.json`` (constructor keywords) + ``model.safetensors`` (SpeechT5HifiGan state dict)."""
-        directory = Path(directory)
-        write_safetensors(directory / WEIGHTS_FILE, self.model.state_dict())
-        write_json(directory / CONFIG_FILE, self.config())
+    # save_pretrained (Pretrained): config.json (constructor keywords) + model.safetensors (SpeechT5HifiGan)
+    def _config(self) -> dict:
+        return self.config()
+
+    def _state_dict(self) -> dict:
+        return self.model.state_dict()
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides) -> "HiFiGAN":
-        """Rebuild from a :meth:`save_pretrained` directory; any other supported source (diffusers folder,
+    def _pretrained_params(cls, directory: Path, overrides: dict) -> dict:
+        """A :meth:`save_pretrained` directory as saved; any other supported source (diffusers folder,
         AudioLDM ``.ckpt``, HiFi-GAN generator file) is read with the registry defaults."""
-        directory = Path(directory)
         cfg_file = directory / CONFIG_FILE
         if directory.is_dir() and cfg_file.exists() and _transformers_folder(directory) is None:
-            params = {**read_json(cfg_file), **overrides}
+            params = super()._pretrained_params(directory, overrides)
         else:
             from reaudio_core.registry import get_registry
-            params = {**get_registry().resolve_params("vocoder", "hifigan", {}), **overrides}
-        params["checkpoint"] = str(directory)
+            params = {**get_registry().resolve_params("vocoder", "hifigan", {}), **overrides,
+                      "checkpoint": str(directory)}
         unknown = set(params) - set(PARAMS)
         if unknown:
             raise ReaudioError(f"hifigan: unknown parameter(s) {sorted(unknown)} in {cfg_file}")
-        return cls(**params)
+        return params
 
     def to(self, device) -> "HiFiGAN":
         self.device = torch.device(device)

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from reaudio_core import ReaudioError, TextEncoder, hookimpl
+from reaudio_core import Pretrained, ReaudioError, TextEncoder, hookimpl
 from reaudio_core.optional import require
 
 from . import _encoders as E
@@ -113,7 +113,7 @@ def _resolve_weights(pretrained: str, model: str) -> Path:
                        f"{names[0]}` and copy the file here, then pass pretrained=FILE; or random_init=true")
 
 
-class OpenClipTextEncoder(TextEncoder):
+class OpenClipTextEncoder(Pretrained, TextEncoder):
     """open_clip text transformer: EOT-pooled projected embedding and token states."""
 
     def __init__(self, *, model, pretrained, random_init, size, config, seed, device, batch_size):
@@ -152,18 +152,19 @@ class OpenClipTextEncoder(TextEncoder):
                     hint=f"The text tower is {self.cfg}; set model/config to the checkpoint's architecture.")
         return tower.to(self.device).eval(), f"open_clip {path}", {"ignored": skipped}
 
-    def save_pretrained(self, directory) -> None:
-        """``config.json`` (constructor keywords; ``config`` = the resolved text-tower settings) +
-        ``model.safetensors`` (the text tower, open_clip key names)."""
-        from ._ckpt import write_safetensors
-        with E.atomic_dir(directory) as tmp:
-            write_safetensors(tmp / E.WEIGHTS_FILE, self.tower.state_dict())
-            E.write_component_config(tmp, {**self._kwargs, "pretrained": None, "random_init": False,
-                                           "config": self.cfg})
+    # -- persistence (Pretrained): config.json (``config`` = the resolved text-tower settings) +
+    # model.safetensors (the text tower, open_clip key names)
+    weights_param = "pretrained"
+
+    def _config(self) -> dict:
+        return {**self._kwargs, "pretrained": None, "random_init": False, "config": self.cfg}
+
+    def _state_dict(self) -> dict:
+        return self.tower.state_dict()
 
     @classmethod
-    def from_pretrained(cls, directory, **overrides):
-        return cls(**E.read_component_config(cls, "text_encoder", "openclip", directory, overrides))
+    def _pretrained_params(cls, directory, overrides) -> dict:
+        return E.read_component_config(cls, cls.kind, "openclip", directory, overrides)
 
     def _run(self, texts):
         for batch in E.chunks(texts, self.batch_size):

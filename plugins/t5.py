@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from reaudio_core import ReaudioError, TextEncoder, hookimpl
+from reaudio_core import Pretrained, ReaudioError, TextEncoder, hookimpl
 
 from . import _encoders as E
 
@@ -106,7 +106,7 @@ def _stored_keys(folder) -> set[str]:
     return set()
 
 
-class T5TextEncoder(TextEncoder):
+class T5TextEncoder(Pretrained, TextEncoder):
     """T5 encoder: masked-mean sentence embedding and per-token states with masks."""
 
     def __init__(self, *, pretrained, tokenizer, random_init, size, config, seed, device, batch_size, max_length):
@@ -124,21 +124,25 @@ class T5TextEncoder(TextEncoder):
         self._kwargs = dict(pretrained=pretrained, tokenizer=tokenizer, random_init=random_init, size=size,
                             config=config, seed=seed, device=device, batch_size=batch_size, max_length=max_length)
 
-    def save_pretrained(self, directory) -> None:
-        """``config.json`` (constructor keywords), ``model.safetensors`` (encoder weights),
-        ``t5_config.json`` and the tokenizer files."""
-        from ._ckpt import write_json, write_safetensors
-        with E.atomic_dir(directory) as tmp:
-            # clone: the tied input embedding is stored under both of its names
-            write_safetensors(tmp / E.WEIGHTS_FILE, {k: v.clone() for k, v in self.model.state_dict().items()})
-            write_json(tmp / "t5_config.json", self.model.config.to_dict())
-            self.tokenizer.save_pretrained(str(tmp))
-            E.write_component_config(tmp, {**self._kwargs, "pretrained": None, "tokenizer": None,
-                                           "random_init": False, "config": None})
+    # -- persistence (Pretrained): config.json, model.safetensors (encoder weights), t5_config.json and the
+    # tokenizer files
+    weights_param = "pretrained"
+
+    def _config(self) -> dict:
+        return {**self._kwargs, "pretrained": None, "tokenizer": None, "random_init": False, "config": None}
+
+    def _state_dict(self) -> dict:
+        # clone: the tied input embedding is stored under both of its names
+        return {k: v.clone() for k, v in self.model.state_dict().items()}
+
+    def _save_extra(self, directory) -> None:
+        from ._ckpt import write_json
+        write_json(directory / "t5_config.json", self.model.config.to_dict())
+        self.tokenizer.save_pretrained(str(directory))
 
     @classmethod
-    def from_pretrained(cls, directory, **overrides):
-        return cls(**E.read_component_config(cls, "text_encoder", "t5", directory, overrides))
+    def _pretrained_params(cls, directory, overrides) -> dict:
+        return E.read_component_config(cls, cls.kind, "t5", directory, overrides)
 
     def _run(self, texts, max_tokens):
         length = max_tokens or self.max_length

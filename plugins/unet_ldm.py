@@ -65,10 +65,9 @@ from pathlib import Path
 
 import torch
 
-from reaudio_core import Conditioning, Denoiser, ReaudioError, hookimpl
+from reaudio_core import Conditioning, Denoiser, Pretrained, ReaudioError, hookimpl
 
-from ._ckpt import (lightning_state_dict, load_strict, read_json, read_weights, write_json,
-                    write_safetensors)
+from ._ckpt import lightning_state_dict, load_strict, read_json, read_weights
 
 log = logging.getLogger("reaudio")
 
@@ -392,7 +391,7 @@ def read_unet_checkpoint(path: str | Path) -> UnetSource:
 
 
 # -- the component -----------------------------------------------------------------------------------------
-class UNetLDM(Denoiser):
+class UNetLDM(Pretrained, Denoiser):
     """AudioLDM (no retrieval) or Re-AudioLDM (caption and/or audio streams) UNet; see the module docstring.
 
     ``size``: ``tiny`` | ``s`` | ``m`` | ``l``; ``block_out_channels`` / ``layers_per_block`` / ``head_width``
@@ -638,23 +637,24 @@ class UNetLDM(Denoiser):
                                                                 "freq_channels")}, "num_heads": self.num_heads,
                 "text_dim": self.text_dim, "audio_dim": self.audio_dim, "checkpoint": None, "device": "cpu"}
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """``config.json`` (constructor keywords) + ``model.safetensors`` (the diffusers UNet's state dict)."""
-        directory = Path(directory)
-        write_safetensors(directory / WEIGHTS_FILE, self.model.state_dict())
-        write_json(directory / CONFIG_FILE, self.params)
+    # save_pretrained (Pretrained): config.json (constructor keywords) + model.safetensors (the diffusers UNet's)
+    def _config(self) -> dict:
+        return self.params
+
+    def _state_dict(self) -> dict:
+        return self.model.state_dict()
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides) -> "UNetLDM":
-        """Rebuild from a :meth:`save_pretrained` directory. A diffusers folder or an AudioLDM ``.ckpt`` is loaded
+    def _pretrained_params(cls, directory: Path, overrides: dict) -> dict:
+        """A :meth:`save_pretrained` directory as saved. A diffusers folder or an AudioLDM ``.ckpt`` is loaded
         as what it holds (sizes from it, its retrieval streams or none). ``overrides`` replace constructor
         keywords, e.g. ``text_dim=1024, audio_dim=768`` to initialise a retrieval UNet from an AudioLDM
         checkpoint (the stream not named is then absent), or ``device``."""
-        directory = Path(directory)
         cfg_file = directory / CONFIG_FILE
-        if directory.is_dir() and cfg_file.exists() and "_class_name" not in (cfg := read_json(cfg_file)):
+        if directory.is_dir() and cfg_file.exists() and "_class_name" not in read_json(cfg_file):
             from reaudio_core.registry import get_registry  # keys a directory saved before they existed: registry's
-            params = {**get_registry().resolve_params("denoiser", "unet-ldm", {}), **cfg, **overrides}
+            params = {**get_registry().resolve_params("denoiser", "unet-ldm", {}),
+                      **super()._pretrained_params(directory, overrides)}
         else:  # a foreign source (diffusers folder, AudioLDM .ckpt) is loaded as what it is
             from reaudio_core.registry import get_registry
             params = {**get_registry().resolve_params("denoiser", "unet-ldm", {}), "text_dim": None, "audio_dim": None}
@@ -667,11 +667,11 @@ class UNetLDM(Denoiser):
                 if streams:
                     params["text_dim"], params["audio_dim"] = streams
             params.update(overrides)
-        params["checkpoint"] = str(directory)
+            params["checkpoint"] = str(directory)
         unknown = set(params) - set(PARAMS)
         if unknown:
             raise ReaudioError(f"unet-ldm: unknown parameter(s) {sorted(unknown)}; known: {', '.join(PARAMS)}")
-        return cls(**params)
+        return params
 
     def to(self, device) -> "UNetLDM":
         self.device = torch.device(device)

@@ -27,11 +27,10 @@ from pathlib import Path
 
 import torch
 
-from reaudio_core import Decoder, ReaudioError, hookimpl
+from reaudio_core import Decoder, Pretrained, ReaudioError, hookimpl
 from reaudio_core.mel import N_MELS
 
-from ._ckpt import (lightning_state_dict, load_strict, read_json, read_weights, sub_state_dict, write_json,
-                    write_safetensors)
+from ._ckpt import lightning_state_dict, load_strict, read_json, read_weights, sub_state_dict
 
 log = logging.getLogger("reaudio")
 
@@ -168,7 +167,7 @@ def read_vae_checkpoint(path: str | Path) -> tuple[dict, float | None, dict | No
     return sub, (float(scale) if torch.is_tensor(scale) or isinstance(scale, (int, float)) else None), None
 
 
-class VAE(Decoder):
+class VAE(Pretrained, Decoder):
     """AudioLDM's mel VAE. Reference sizes: block_out_channels [128, 256, 512], layers_per_block 2,
     latent_channels 8, norm_num_groups 32 -> [B, 1024, 64] mel <-> [B, 8, 256, 16] latents."""
 
@@ -236,11 +235,12 @@ class VAE(Decoder):
         """Constructor keywords that rebuild this component (weights apart)."""
         return {**self.arch, "scale_factor": self.scale_factor, "checkpoint": None, "device": "cpu"}
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """``config.json`` (constructor keywords, with ``scale_factor``) + ``model.safetensors``."""
-        directory = Path(directory)
-        write_safetensors(directory / WEIGHTS_FILE, self.model.state_dict())
-        write_json(directory / CONFIG_FILE, self.config())
+    # save_pretrained (Pretrained): config.json (constructor keywords, with scale_factor) + model.safetensors
+    def _config(self) -> dict:
+        return self.config()
+
+    def _state_dict(self) -> dict:
+        return self.model.state_dict()
 
     def save_diffusers(self, directory: str | Path) -> None:
         """Write a diffusers ``AutoencoderKL`` folder (``scaling_factor`` = this scale factor)."""
@@ -248,21 +248,20 @@ class VAE(Decoder):
         self.model.save_pretrained(str(directory), safe_serialization=True)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides) -> "VAE":
-        """Rebuild from a :meth:`save_pretrained` directory; a diffusers folder or an AudioLDM ``.ckpt`` is
+    def _pretrained_params(cls, directory: Path, overrides: dict) -> dict:
+        """A :meth:`save_pretrained` directory as saved; a diffusers folder or an AudioLDM ``.ckpt`` is
         read with the registry defaults. ``overrides`` replace constructor keywords (e.g. ``device``)."""
-        directory = Path(directory)
         cfg_file = directory / CONFIG_FILE
-        if directory.is_dir() and cfg_file.exists() and "_class_name" not in (cfg := read_json(cfg_file)):
-            params = {**cfg, **overrides}
+        if directory.is_dir() and cfg_file.exists() and "_class_name" not in read_json(cfg_file):
+            params = super()._pretrained_params(directory, overrides)
         else:
             from reaudio_core.registry import get_registry
-            params = {**get_registry().resolve_params("decoder", "vae", {}), **overrides}
-        params["checkpoint"] = str(directory)
+            params = {**get_registry().resolve_params("decoder", "vae", {}), **overrides,
+                      "checkpoint": str(directory)}
         unknown = set(params) - {*ARCH_KEYS, "scale_factor", "checkpoint", "device"}
         if unknown:
             raise ReaudioError(f"vae: unknown parameter(s) {sorted(unknown)} in {cfg_file}")
-        return cls(**params)
+        return params
 
     def to(self, device) -> "VAE":
         self.device = torch.device(device)

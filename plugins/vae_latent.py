@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from reaudio_core import AudioEncoder, ReaudioError, hookimpl
+from reaudio_core import AudioEncoder, Pretrained, ReaudioError, hookimpl
 from reaudio_core.mel import N_MELS, seconds_to_samples, waveform_to_mel
 
 CONFIG_FILE = "config.json"
@@ -38,7 +38,7 @@ ENCODER_PREFIXES = ("encoder.", "quant_conv.")
 POOLS = ("avg", "avg+max")
 
 
-class VaeLatentEncoder(AudioEncoder):
+class VaeLatentEncoder(Pretrained, AudioEncoder):
     def __init__(self, *, weights, vae, num_tokens, pool, max_seconds, device):
         from reaudio_core.registry import get_registry
         from reaudio_core.pipeline import resolve_path
@@ -134,26 +134,25 @@ class VaeLatentEncoder(AudioEncoder):
         return {"weights": None, "vae": self._vae_params, "num_tokens": self.num_tokens, "pool": self.pool,
                 "max_seconds": self.max_seconds, "device": "cpu"}
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """``config.json`` (constructor keywords) + ``vae/config.json`` and ``vae/encoder.safetensors``."""
+    # save_pretrained (Pretrained): config.json (constructor keywords) + vae/config.json and
+    # vae/encoder.safetensors; no model.safetensors of its own
+    weights_param = "weights"
+
+    def _config(self) -> dict:
+        return self.config()
+
+    def _save_extra(self, directory: Path) -> None:
         from reaudio_plugins._ckpt import write_json, write_safetensors
-        directory = Path(directory)
         state = {k: v for k, v in self.vae.model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
         write_safetensors(directory / VAE_DIR / ENCODER_WEIGHTS, state)
         write_json(directory / VAE_DIR / CONFIG_FILE, self.vae.config())
-        write_json(directory / CONFIG_FILE, self.config())
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides) -> "VaeLatentEncoder":
-        directory = Path(directory)
-        cfg_file = directory / CONFIG_FILE
-        if not cfg_file.is_file() or not (directory / VAE_DIR).is_dir():
+    def _pretrained_params(cls, directory: Path, overrides: dict) -> dict:
+        if not (directory / CONFIG_FILE).is_file() or not (directory / VAE_DIR).is_dir():
             raise ReaudioError(f"{directory}: not a vae-latent folder (expected {CONFIG_FILE} and {VAE_DIR}/ written "
                                "by save_pretrained)")
-        from reaudio_plugins._ckpt import read_json
-        params = {**read_json(cfg_file), **overrides}
-        params["weights"] = str(directory / VAE_DIR)
-        return cls(**params)
+        return {**super()._pretrained_params(directory, overrides), "weights": str(directory / VAE_DIR)}
 
 
 @hookimpl

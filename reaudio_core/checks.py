@@ -230,7 +230,8 @@ def _normalised(call: _Call, emb: torch.Tensor, inputs, empty: Callable[[Any], b
     if norms[i] == 0:
         shown = repr(item(i)[:60]) if isinstance(item(i), str) else f"a non-silent {kind}"
         call.fail(f"an all-zero row for {shown} (row {i})",
-                  f"L2 norm 1 +- {NORM_TOL}; only an empty {kind} may embed to zeros")
+                  f"L2 norm 1 +- {NORM_TOL}" + ("; only a silent waveform may embed to zeros" if kind == "waveform" else
+                                                 ", the empty text included"))
     call.fail(f"rows with L2 norm {float(norms[i]):.4g} (row {i} of {len(norms)}, {len(bad)} rows off)",
               f"1 +- {NORM_TOL}")
 

@@ -3,7 +3,9 @@ only parses arguments and turns :class:`ReaudioError` into a one-line message (e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -48,8 +50,16 @@ def _os_error(exc: OSError) -> str:
     return f"{where}: {exc.strerror or exc}{f' [{code}]' if code else ''}"
 
 
+_SHOWN: set[str] = set()  #: warnings already printed in this command (a note repeating one is not printed again)
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"reaudio: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    """reaudio's own warnings (UserWarning) as one line each; libraries' deprecation notices are not the user's."""
+    if not issubclass(category, UserWarning):
+        return
+    text = " ".join(str(message).split())
+    _SHOWN.add(text)
+    print(f"reaudio: warning: {text}", file=sys.stderr)
 
 
 # -- plugins ------------------------------------------------------------------------
@@ -217,7 +227,8 @@ def cmd_generate(args) -> int:
         pipe = ReAudioPipeline.from_config(cfg, db=args.db)
     result = pipe(prompts, progress=not args.quiet)
     for note in result.warnings:
-        print(f"note: {note}", file=sys.stderr)
+        if " ".join(str(note).split()) not in _SHOWN:
+            print(f"note: {note}", file=sys.stderr)
     out_dir = out.parent if single else out
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(result.prompts):
@@ -455,6 +466,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes each record's bare message to the ``sys.stderr`` of the moment (so a replaced stream, e.g.
+    pytest's capture, receives it), as the library's ``print(..., file=sys.stderr)`` calls used to."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+@contextlib.contextmanager
+def _library_messages():
+    """While a command runs, INFO and above from the ``reaudio`` logger (the library's notes, progress and
+    warnings) go to stderr as bare lines; afterwards the logger is as it was (the library itself never
+    configures logging)."""
+    logger = logging.getLogger("reaudio")
+    handler, level = _StderrHandler(), logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -475,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, target, list(getattr(args, target) or []) + extra)
     import warnings
     try:
-        with warnings.catch_warnings():  # a warning is one line too: "reaudio: warning: ..."
+        with warnings.catch_warnings(), _library_messages():  # a warning is one line too: "reaudio: warning: ..."
             warnings.showwarning = _one_line_warning
             return args.func(args) or 0
     except (ReaudioError, OSError, ValueError) as exc:  # OSError: unwritable, missing or not-a-folder paths

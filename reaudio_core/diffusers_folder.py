@@ -247,7 +247,8 @@ def export(model_dir: str | Path, out: str | Path) -> Path:
     import shutil
     import tempfile
 
-    from .pipeline import MEL_FPS, ReAudioPipeline, make_scheduler
+    from .mel import MEL_FPS
+    from .pipeline import ReAudioPipeline, make_scheduler
     model_dir, out = Path(model_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ReaudioError(f"{out} exists and is not empty; export into a new directory")

@@ -17,9 +17,14 @@ Conventions shared by all contracts
 * "Deterministic" means: same inputs, same weights, same torch version, CPU -> bit-identical output.
   Encoders, denoisers, decoders, vocoders and feature models are deterministic, and a batch
   row never depends on the other rows of the batch.
-* Components with weights implement ``save_pretrained(dir)`` and the classmethod
-  ``from_pretrained(dir, **overrides)``: ``config.json`` (constructor keywords) plus
-  ``model.safetensors``. Loading never executes code.
+* Components with weights subclass :class:`reaudio_core.Pretrained` (:mod:`reaudio_core.pretrained`)
+  beside their contract (``class VAE(Pretrained, Decoder)``), which gives them ``save_pretrained(dir)``
+  and the classmethod ``from_pretrained(dir, **overrides)`` from one place: ``config.json``
+  (constructor keywords, :meth:`~reaudio_core.Pretrained._config`) plus ``model.safetensors``
+  (:meth:`~reaudio_core.Pretrained._state_dict`); overrides replace saved keywords at load time. A
+  component whose folder holds more (a tokenizer, sub-folders) overrides only the hook that differs.
+  The pipeline saves and loads exactly the components that are ``Pretrained``. Loading never
+  executes code.
 """
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -123,10 +123,12 @@ def replace_dir(tmp: str | Path, final: str | Path) -> None:
 @contextlib.contextmanager
 def atomic_dir(directory: str | Path) -> Iterator[Path]:
     """Yield a new temporary sibling folder of ``directory``; when the block ends without an error it
-    replaces ``directory`` (:func:`replace_dir`); on an error it is deleted and ``directory`` is untouched."""
+    replaces ``directory`` (:func:`replace_dir`); on an error it is deleted and ``directory`` is untouched.
+    The folder gets a plain ``mkdir``'s permissions (the umask's), not ``mkdtemp``'s owner-only 0700."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=str(directory.parent)))
+    tmp = directory.parent / f".{directory.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
     try:
         yield tmp
         replace_dir(tmp, directory)

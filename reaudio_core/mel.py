@@ -33,7 +33,7 @@ F_MAX = 8000.0
 PAD = (N_FFT - HOP_LENGTH) // 2  #: 432 samples of reflect padding on each side
 LOG_CLAMP = 1e-5  #: magnitudes below this are clamped before the log (log floor = -11.51)
 PEAK = 0.5  #: peak amplitude after :func:`normalize_waveform`
-FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  #: 100
+MEL_FPS = SAMPLE_RATE // HOP_LENGTH  #: mel frames per second: 100 (hop 160 at 16 kHz)
 SEGMENT_SECONDS = 10.24  #: the reference training clip
 SEGMENT_SAMPLES = 163_840
 SEGMENT_FRAMES = 1024
@@ -65,16 +65,16 @@ def seconds_to_frames(seconds: float, exact: bool = True) -> int:
     seconds = float(seconds)
     if not math.isfinite(seconds) or seconds <= 0:
         raise ReaudioError(f"duration must be a positive number of seconds, got {seconds}")
-    frames = seconds * FRAMES_PER_SECOND
+    frames = seconds * MEL_FPS
     if exact and abs(frames - round(frames)) > 1e-6:
         lo = math.floor(frames)
         raise ReaudioError(f"duration {seconds} s is {frames:g} mel frames (10 ms each), not a whole number; "
-                           f"use {lo / FRAMES_PER_SECOND:g} s or {(lo + 1) / FRAMES_PER_SECOND:g} s")
+                           f"use {lo / MEL_FPS:g} s or {(lo + 1) / MEL_FPS:g} s")
     return int(round(frames)) if exact else int(math.floor(frames + 1e-9))
 
 
 def frames_to_seconds(frames: int) -> float:
-    return int(frames) / FRAMES_PER_SECOND
+    return int(frames) / MEL_FPS
 
 
 # -- waveform helpers --------------------------------------------------------------------------

@@ -41,6 +41,8 @@ from . import checks, conditioning
 from .conditioning import feature_key  # noqa: F401  (re-exported: its old home)
 from .config import CONFIG_FILE, RECORD_KEY, SLOTS, build, compose, load_config, save_config
 from .interfaces import SAMPLE_RATE, Conditioning
+from .mel import MEL_FPS
+from .pretrained import Pretrained
 from .registry import ReaudioError, get_registry
 
 log = logging.getLogger("reaudio")
@@ -49,7 +51,6 @@ RETRIEVAL_TYPES = ("none", "audio", "text", "audio+text")
 WEIGHTED_SLOTS = ("denoiser", "decoder", "vocoder", "audio_encoder")
 #: component parameters that name weights to load (the first one a component has is its weights key)
 WEIGHT_KEYS = ("checkpoint", "weights", "pretrained")
-MEL_FPS = 100  # mel frames per second (hop 160 at 16 kHz)
 MAX_PROMPT_CHARS = 2000
 
 
@@ -169,10 +170,10 @@ class ReAudioPipeline:
                 continue
             spec = reg.spec(SLOTS[slot], entry["name"])
             weights = model_dir / slot if model_dir else None
-            if weights is not None and weights.is_dir() and hasattr(spec.cls, "from_pretrained"):
+            if weights is not None and weights.is_dir() and issubclass(spec.cls, Pretrained):
                 components[slot], record[slot] = _load_slot(cfg, slot, weights, _ref(model_ref, model_dir, slot),
                                                             bases[0].get(slot) if bases else None)
-            elif (weights is not None and slot in WEIGHTED_SLOTS and hasattr(spec.cls, "from_pretrained")
+            elif (weights is not None and slot in WEIGHTED_SLOTS and issubclass(spec.cls, Pretrained)
                   and not _asked_weights(SLOTS[slot], entry)):
                 raise ReaudioError(f"{model_dir} has no {slot}/ weights; expected {weights}/ "
                                    "(written by save_pretrained)")
@@ -234,7 +235,7 @@ class ReAudioPipeline:
         directory.mkdir(parents=True, exist_ok=True)
         for slot in WEIGHTED_SLOTS:
             component = getattr(self, slot)
-            if component is not None and hasattr(component, "save_pretrained"):
+            if isinstance(component, Pretrained):
                 component.save_pretrained(directory / slot)
         save_config({k: v for k, v in self.cfg.items() if k != RECORD_KEY}, directory)  # its weights are here
 

@@ -1,5 +1,5 @@
 """Train the offline preset's GPU recipe inside a fixed time box (say a GPU lent for a few minutes). Not yet
-run on a GPU: the shipped weights come from the CPU recipe (research/offline_preset.py train).
+run on a GPU: the shipped weights come from the CPU recipe (python -m research.offline_preset train).
 
     python research/gpu_timeboxed.py --seconds 540 --pack OUTDIR
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -132,7 +133,8 @@ def main() -> None:
 def prepare(db: Path) -> None:
     if db.exists():
         raise SystemExit(f"{db} exists: move it away first (--prepare builds it with retriever=torch)")
-    manifest = REPO.parent / "shared" / "data" / "esc50-fold4" / "metadata.csv"
+    data = Path(os.environ.get("REAUDIO_DATA") or REPO.parent / "shared" / "data")
+    manifest = data / "esc50-fold4" / "metadata.csv"
     subprocess.run([sys.executable, "-m", "reaudio_core.cli", "index", "build", "--manifest", str(manifest),
                     "--out", str(db), "--quiet", "retriever=torch"], check=True, cwd=REPO)
     vae, ldm = RUNS / "prepare-vae", RUNS / "prepare-ldm"

@@ -1,4 +1,5 @@
-"""Shared test setup: offline hub, small synthetic clips, the ../shared/data location."""
+"""Shared test setup: offline hub, small synthetic clips, the data location (``$REAUDIO_DATA``, by default
+``../shared/data`` beside the checkout)."""
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -12,14 +13,24 @@ import pytest  # noqa: E402
 import soundfile as sf  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("REAUDIO_DATA") or REPO.parent / "shared" / "data")
+NO_DATA = f"shared data not found at {SHARED_DATA} (set REAUDIO_DATA)"
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.skip(f"{SHARED_DATA} not present")
+    """The real data sets (ESC-50 fold 4, Clotho demo, AudioSet ontology, AudioCaps captions). Every test that
+    reads them takes this fixture, so without them each skips with the one reason :data:`NO_DATA`."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(NO_DATA)
     return SHARED_DATA
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line counting the tests that skipped for want of the data (``-rs`` lists them one by one)."""
+    n = sum(1 for r in terminalreporter.stats.get("skipped", []) if NO_DATA in str(r.longrepr))
+    if n:
+        terminalreporter.write_line(f"{n} test(s) skipped: {NO_DATA}")
 
 
 def make_clip(path: Path, seconds: float = 1.0, sr: int = 16000, freq: float = 440.0, channels: int = 1,

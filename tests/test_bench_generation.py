@@ -28,6 +28,7 @@ def table(markdown: str, heading: str) -> list[dict]:
             for line in lines[1:] if not line.startswith("|---")]
 
 
+@pytest.mark.slow  # the generation benchmark end to end
 def test_quick_benchmark_prints_every_table(tmp_path, capsys):
     out = tmp_path / "results"
     assert cli(["bench", "generation", "--quick", "--threads", "1", "--out", str(out)]) == 0

@@ -22,6 +22,7 @@ def table_rows(markdown: str) -> list[dict]:
             for line in lines[1:] if not line.startswith("|---")]
 
 
+@pytest.mark.slow  # the retriever benchmark end to end
 def test_quick_benchmark_reports_every_retriever(tmp_path, capsys):
     out = tmp_path / "results"
     code = cli(["bench", "retrievers", "--quick", "--datasets", "synthetic", "--synthetic-size", "3000",

@@ -31,7 +31,7 @@ class FakeText(TextEncoder):
         g = torch.Generator().manual_seed(0)
         out = nn.functional.normalize(torch.randn(len(texts), self.dim, generator=g), dim=-1) * self.scale
         for i, t in enumerate(texts):
-            if t in self.zero_for or not t:
+            if t in self.zero_for:
                 out[i] = 0
         return out
 
@@ -152,7 +152,7 @@ FAKES = {("text_encoder", "hashtext"): FakeText, ("audio_encoder", "mfcc"): Fake
 def reg():
     """A registry of the fakes alone, provided by the distribution 'fake-dist 9.9'."""
     info = PluginInfo("fakes", "tests.test_checks", "fake-dist", "9.9")
-    return Registry({}, [info], [("fakes", kind, name, cls, {}) for (kind, name), cls in FAKES.items()])
+    return Registry({}, [info], [("fakes", kind, name, cls, {}, None) for (kind, name), cls in FAKES.items()])
 
 
 def raises(what: str, method: str):
@@ -169,12 +169,14 @@ def test_unnormalised_text_embedding(reg):
     assert reg.create("text_encoder", "hashtext").embed(["a dog"]).shape == (1, 8)  # a right one passes
 
 
-def test_zero_rows_only_for_empty_text(reg):
-    enc = reg.create("text_encoder", "hashtext", zero_for=["dog", "!!"])
-    assert enc.embed(["", "!!", "rain"])[:2].abs().sum() == 0  # documented: no letters or digits -> zeros allowed
+def test_zero_rows_are_refused_for_every_text_even_the_empty_one(reg):
+    enc = reg.create("text_encoder", "hashtext", zero_for=["dog", ""])
     with raises("text_encoder 'hashtext'", "embed") as err:
         enc.embed(["rain", "dog"])
     assert "all-zero row for 'dog' (row 1)" in str(err.value)
+    with raises("text_encoder 'hashtext'", "embed") as err:  # the unconditional prompt must be a unit row too
+        enc.embed([""])
+    assert "all-zero row for '' (row 0)" in str(err.value)
 
 
 def test_text_embedding_shape_dtype_and_finite(reg):
@@ -367,11 +369,12 @@ def test_generating_with_another_text_encoder_warns_naming_both(monkeypatch, tmp
     built, from_config = [], ReAudioPipeline.from_config.__func__
     monkeypatch.setattr(ReAudioPipeline, "from_config",
                         classmethod(lambda cls, *a, **kw: built.append(from_config(cls, *a, **kw)) or built[-1]))
-    with pytest.warns(UserWarning, match="trained with text_encoder 'minilm', this run uses text_encoder 'hash384'"):
-        assert main(["generate", "a dog barks", "-o", str(tmp_path / "x.wav"), "text_encoder=hash384",
-                     "generation.retrieval=none", "--steps", "1", "--duration", "0.32", "--quiet"]) == 0
+    # the CLI turns warnings into one-line notes on stderr
+    assert main(["generate", "a dog barks", "-o", str(tmp_path / "x.wav"), "text_encoder=hash384",
+                 "generation.retrieval=none", "--steps", "1", "--duration", "0.32", "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert "note: the model in" in err and "'minilm', this run uses text_encoder 'hash384'" in err
+    assert err.count("'minilm', this run uses text_encoder 'hash384'") == 1, err  # said once, on one line
+    assert "reaudio: warning: the model in" in err
     for slot in ("text_encoder", "caption_encoder", "audio_encoder", "denoiser", "decoder", "vocoder"):
         assert checks.is_checked(getattr(built[0], slot)), slot
 
@@ -426,8 +429,7 @@ def test_checked_module_under_ddp(reg, tmp_path):
 
 
 def test_real_components_are_checked_and_round_trip(tmp_path):
-    from component_factories import tiny
-    vae = tiny("decoder", "vae")
+    vae = get_registry().create("decoder", "vae", **get_registry().spec("decoder", "vae").tiny)
     assert checks.origin(vae) == checks.Origin("decoder", "vae", "reaudio 0.1.0")
     mel = torch.zeros(1, 16, 64)
     assert vae.decode(vae.encode(mel)).shape == mel.shape

@@ -78,7 +78,7 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_training_configs_compose(path):
     """Every ready-made config in configs/ names registered components and known keys (a typo in a
-    training key would otherwise only surface hours into `python research/offline_preset.py train`)."""
+    training key would otherwise only surface hours into `python -m research.offline_preset train`)."""
     cfg = compose(files=[path])
     assert cfg["training"]["stage"] in ("vae", "ldm", "vocoder")
 

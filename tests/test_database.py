@@ -384,6 +384,7 @@ def kill_when_paused(proc: subprocess.Popen, stage: str) -> None:
         proc.stdout.close()
 
 
+@pytest.mark.slow  # kill -9 of three index builds in fresh processes
 def test_kill_9_leaves_the_previous_state_or_nothing_that_opens(tmp_path, warm_minilm):
     first = small_manifest(tmp_path, CAPTIONS[:2], "first.csv")
     second = small_manifest(tmp_path, CAPTIONS, "second.csv")

@@ -210,6 +210,7 @@ def micro(tmp_path_factory):
             os.environ["REAUDIO_CACHE"] = cache
 
 
+@pytest.mark.slow  # the micro grid (`micro`): trainings and generations end to end
 def test_micro_grid_writes_table_plots_and_results(micro):
     root, first, _ = micro
     out = root / "out"
@@ -245,6 +246,7 @@ def test_micro_grid_writes_table_plots_and_results(micro):
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png
 
 
+@pytest.mark.slow  # the micro grid end to end
 def test_a_rerun_skips_finished_cells_and_redoes_only_what_is_missing(micro):
     root, first, second = micro
     assert second["this_run"]["ran"] == {"prepare": 0, "train": 0, "generate": 0, "evaluate": 0}
@@ -260,6 +262,7 @@ def test_a_rerun_skips_finished_cells_and_redoes_only_what_is_missing(micro):
     assert third["this_run"]["ran"] == {"prepare": 0, "train": 0, "generate": 1, "evaluate": 1}
 
 
+@pytest.mark.slow  # the micro grid end to end
 def test_longtail_cli_on_an_evaluation(micro, capsys, tmp_path):
     root, _, _ = micro
     prompts = tmp_path / "prompts.csv"
@@ -274,6 +277,7 @@ def test_longtail_cli_on_an_evaluation(micro, capsys, tmp_path):
     assert (tmp_path / "lt" / "longtail-kl.png").exists()
 
 
+@pytest.mark.slow  # the micro grid end to end
 def test_training_include_ids_selects_and_checks_items(micro):
     from reaudio_core import training as T
     from reaudio_core.config import compose

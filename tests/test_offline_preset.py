@@ -18,12 +18,12 @@ SHIPPED = resolve_path("pkg:reaudio_plugins/weights/offline")
 
 
 @pytest.fixture
-def script():
-    """research/offline_preset.py (monkeypatch restores what a test changes in it); skips without the ESC-50
-    clips beside the checkout."""
+def script(shared_data):
+    """The package research.offline_preset (monkeypatch restores what a test changes in it: paths and constants
+    in its ``settings`` module, which every stage reads at call time) reading the ESC-50 clips in
+    ``shared_data`` (skips without them)."""
     import research.offline_preset as module
-    if not (module.DATA / "metadata.csv").exists():
-        pytest.skip("../shared/data/esc50-fold4 is not beside the checkout")
+    assert module.settings.DATA == shared_data / "esc50-fold4"  # both honour REAUDIO_DATA
     return module
 
 
@@ -67,11 +67,11 @@ def test_shipped_denoiser_is_the_pool7_ldm_and_its_low_noise_expert(pipe):
 
 
 def test_experts_stage_pairs_a_model_with_a_low_noise_expert(tmp_path, monkeypatch, script):
-    """research/offline_preset.py experts: a loadable pipeline directory whose denoiser is the base model's
+    """research.offline_preset experts: a loadable pipeline directory whose denoiser is the base model's
     UNet above the boundary and the given expert below it, everything else the base's."""
     import argparse
     import shutil
-    monkeypatch.setattr(script, "RUNS", tmp_path)
+    monkeypatch.setattr(script.settings, "RUNS", tmp_path)
     low = tmp_path / "offline-ldm-v-low" / "final" / "denoiser"
     shutil.copytree(SHIPPED / "denoiser" / "low", low)
     script.experts(argparse.Namespace(model=None, low=str(low), boundary=250))
@@ -85,6 +85,7 @@ def test_experts_stage_pairs_a_model_with_a_low_noise_expert(tmp_path, monkeypat
     assert len(made.database) == 400
 
 
+@pytest.mark.slow  # a real-size generation (two steps)
 def test_generation_needs_no_source_audio(pipe, monkeypatch):
     import reaudio_core.audio as audio
     monkeypatch.setattr(audio, "load_audio", lambda *a, **k: pytest.fail("read source audio"))
@@ -93,6 +94,7 @@ def test_generation_needs_no_source_audio(pipe, monkeypatch):
     assert all(n["label"] == "rain" for n in out.neighbours[0])
 
 
+@pytest.mark.slow  # preset quality: ten real-size generations, then the classifier
 def test_class_prompts_sound_like_their_class(pipe):
     """Every 5th ESC-50 class (10 classes, fixed by name order, not picked by result), seed 0: the
     esc50-classifier finds the asked class in its top 5 for at least half of them (chance: 1 in 10) and
@@ -113,6 +115,7 @@ def test_class_prompts_sound_like_their_class(pipe):
     assert d[~torch.eye(len(labels), dtype=bool)].min() > 0.1
 
 
+@pytest.mark.slow  # `reaudio generate` in a fresh process with the real-size preset
 def test_cli_default_is_the_shipped_preset(tmp_path):
     out = tmp_path / "dog.wav"
     proc = subprocess.run([sys.executable, "-m", "reaudio_core.cli", "generate", "a dog barks", "-o", str(out),
@@ -125,8 +128,9 @@ def test_cli_default_is_the_shipped_preset(tmp_path):
     assert "pkg:reaudio_plugins/weights/offline" in saved
 
 
+@pytest.mark.slow  # preset quality: the script's conditional stage on the real clips
 def test_conditional_names_what_the_ldm_learned_under_each_retrieved_set(tmp_path, monkeypatch, script):
-    """research/offline_preset.py conditional: for each class prompt, the training clips whose stored
+    """research.offline_preset conditional: for each class prompt, the training clips whose stored
     neighbours are exactly the retrieved set are never in that set, and their after-VAE predictions come
     from the ceiling file it was given (here a doctored one: every clip heard as 'dog')."""
     import json
@@ -137,7 +141,7 @@ def test_conditional_names_what_the_ldm_learned_under_each_retrieved_set(tmp_pat
     ceiling["rows"]["vae"]["predictions"] = ["dog"] * len(ceiling["rows"]["vae"]["predictions"])
     (tmp_path / "offline-ceiling.json").write_text(json.dumps(ceiling))
     shutil.copy(repo / "docs" / "results" / "offline-check.json", tmp_path)
-    monkeypatch.setattr(script, "RESULTS", tmp_path)
+    monkeypatch.setattr(script.settings, "RESULTS", tmp_path)
     script.conditional(SimpleNamespace(seeds=0))
     out = json.loads((tmp_path / "offline-conditional.json").read_text())["classes"]
     assert len(out) == 50
@@ -148,8 +152,9 @@ def test_conditional_names_what_the_ldm_learned_under_each_retrieved_set(tmp_pat
     assert "church_bells" in (tmp_path / "offline-conditional.md").read_text()
 
 
+@pytest.mark.slow  # preset quality: the script's renoise stage on the real clips
 def test_renoise_at_t0_zero_is_the_vae_round_trip(tmp_path, monkeypatch, pipe, script):
-    """research/offline_preset.py renoise: t0 = 0 runs no denoising step, so its predictions are the classifier's
+    """research.offline_preset renoise: t0 = 0 runs no denoising step, so its predictions are the classifier's
     on the VAE round trip of the real clips (computed here independently); every start yields one prediction
     per clip and a row per class in the table."""
     import csv
@@ -158,33 +163,33 @@ def test_renoise_at_t0_zero_is_the_vae_round_trip(tmp_path, monkeypatch, pipe, s
 
     from reaudio_core.audio import load_audio
     from reaudio_core.mel import waveform_to_mel
-    monkeypatch.setattr(script, "RESULTS", tmp_path)
-    monkeypatch.setattr(script, "RENOISE_CLASSES", ("rain",))
-    monkeypatch.setattr(script, "RENOISE_STARTS", (0, 1000))
-    monkeypatch.setattr(script, "RENOISE_STEPS", 3)
+    monkeypatch.setattr(script.settings, "RESULTS", tmp_path)
+    monkeypatch.setattr(script.settings, "RENOISE_CLASSES", ("rain",))
+    monkeypatch.setattr(script.settings, "RENOISE_STARTS", (0, 1000))
+    monkeypatch.setattr(script.settings, "RENOISE_STEPS", 3)
     script.renoise(SimpleNamespace(model=None, guidance=None))
     out = json.loads((tmp_path / "offline-renoise.json").read_text())
     preds = out["classes"]["rain"]["predictions"]
-    files = [r["file"] for r in csv.DictReader(open(script.DATA / "metadata.csv")) if r["category"] == "rain"]
+    files = [r["file"] for r in csv.DictReader(open(script.settings.DATA / "metadata.csv")) if r["category"] == "rain"]
     assert out["classes"]["rain"]["files"] == files and set(preds) == {"0", "1000"}
     assert all(len(p) == len(files) for p in preds.values())
-    mels = torch.stack([waveform_to_mel(torch.as_tensor(load_audio(script.DATA / f)), 512)[0] for f in files])
+    mels = torch.stack([waveform_to_mel(torch.as_tensor(load_audio(script.settings.DATA / f)), 512)[0] for f in files])
     with torch.inference_mode():
         waves = pipe.vocoder(pipe.decoder.decode(pipe.decoder.encode(mels)))
-    labels, probs = script._classify(list(waves))
+    labels, probs = script.checks._classify(list(waves))
     assert preds["0"] == [labels[i] for i in probs.argmax(-1)]
     assert "| rain |" in (tmp_path / "offline-renoise.md").read_text()
 
 
 def test_shipped_model_card_is_the_docs_copy():
-    """`offline_preset.py package` copies docs/offline-preset-card.md into the weights folder: edits to one
+    """`research.offline_preset package` copies docs/offline-preset-card.md into the weights folder: edits to one
     must reach the other, or the installed card and the docs disagree."""
     repo = Path(__file__).resolve().parents[1]
     assert (repo / "plugins/weights/offline/README.md").read_text() == (repo / "docs/offline-preset-card.md").read_text()
 
 
 def test_demo_counts_what_the_classifier_hears_per_prompt_and_seed(tmp_path, monkeypatch, script):
-    """research/offline_preset.py demo: clips come seed-major (all four prompts for seed 0, then seed 1), and
+    """research.offline_preset demo: clips come seed-major (all four prompts for seed 0, then seed 1), and
     each prompt's row counts its own clips. Fed real clips (dog, rain, frog, siren: frog where church bells
     is asked) instead of generations, the rows must follow the classifier's verdict on those clips."""
     import argparse
@@ -192,18 +197,18 @@ def test_demo_counts_what_the_classifier_hears_per_prompt_and_seed(tmp_path, mon
     import json
 
     from reaudio_core.audio import load_audio
-    rows = list(csv.DictReader(open(script.DATA / "metadata.csv", encoding="utf-8")))
+    rows = list(csv.DictReader(open(script.settings.DATA / "metadata.csv", encoding="utf-8")))
     files = {c: [r["file"] for r in rows if r["category"] == c][:2] for c in ("dog", "rain", "frog", "siren")}
-    clips = [torch.from_numpy(load_audio(script.DATA / files[c][s])) for s in range(2)
+    clips = [torch.from_numpy(load_audio(script.settings.DATA / files[c][s])) for s in range(2)
              for c in ("dog", "rain", "frog", "siren")]
-    monkeypatch.setattr(script, "RESULTS", tmp_path)
-    monkeypatch.setattr(script, "_generate", lambda pipe, prompts, seeds: torch.stack(clips))
+    monkeypatch.setattr(script.settings, "RESULTS", tmp_path)
+    monkeypatch.setattr(script.checks, "_generate", lambda pipe, prompts, seeds: torch.stack(clips))
     script.demo(argparse.Namespace(model=None, guidance=None, seeds=2))
     out = json.loads((tmp_path / "offline-demo-seeds2.json").read_text())
-    labels, probs = script._classify(clips)
+    labels, probs = script.checks._classify(clips)
     heard = [labels[i] for i in probs.argmax(-1).tolist()]
     assert out["seeds"] == [0, 1]
-    for i, prompt in enumerate(script.DEMO_PROMPTS):
+    for i, prompt in enumerate(script.settings.DEMO_PROMPTS):
         assert out["prompts"][prompt]["top1_per_seed"] == [heard[i], heard[4 + i]]
     md = (tmp_path / "offline-demo-seeds2.md").read_text()
     bells = sum(h == "church_bells" for h in out["prompts"]["church bells"]["top1_per_seed"])

@@ -55,6 +55,7 @@ def test_excluded_labels_are_never_retrieved(tiny_db):
         bad("a cat", steps=1, progress=False)
 
 
+@pytest.mark.slow  # three end-to-end generations
 def test_same_seed_is_bit_identical_and_other_seed_differs(pipe):
     a = pipe("a dog barks", seed=7, progress=False).waveforms
     b = pipe("a dog barks", seed=7, progress=False).waveforms
@@ -69,6 +70,7 @@ def test_ddim_and_candidates(pipe):
     assert any("no reranker" in w for w in out.warnings)
 
 
+@pytest.mark.slow  # end to end twice, with and without cached features
 def test_cached_features_give_the_same_output(pipe, tiny_db, tmp_path):
     before = pipe("church bells", seed=2, progress=False).waveforms
     names = pipe.cache_features(progress=False)
@@ -160,6 +162,7 @@ def test_real_size_preset_without_weights_names_what_is_missing(preset):
         ReAudioPipeline.from_config(compose(preset))
 
 
+@pytest.mark.slow  # `reaudio generate` end to end
 def test_cli_generate_writes_wav_png_and_config(tiny_db, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "reaudio_core.cli", "generate", "a dog barks", "rain",
@@ -180,6 +183,7 @@ def test_cli_generate_writes_wav_png_and_config(tiny_db, tmp_path):
     assert bad.returncode == 2 and "empty prompt" in bad.stderr
 
 
+@pytest.mark.slow  # end-to-end generations at several guidance settings
 def test_guidance_rescale_matches_the_conditional_std(pipe, monkeypatch):
     """generation.guidance_rescale: the prediction handed to the scheduler is the guided one blended with
     itself rescaled to the conditional prediction's per-sample std; 0 is plain guidance; outside [0, 1] fails."""

@@ -130,6 +130,7 @@ def lines(proc, status):
     return [line for line in proc.stdout.splitlines() if line.startswith(status)]
 
 
+@pytest.mark.slow  # pip-installs plugins (`kit_site`), `reaudio check-plugin` in fresh processes
 def test_a_conforming_plugin_passes_every_rule(kit_site):
     proc = check(kit_site, "kit-good")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -140,6 +141,7 @@ def test_a_conforming_plugin_passes_every_rule(kit_site):
     assert "kit-good: 1 component(s)" in proc.stdout and "0 failed" in proc.stdout
 
 
+@pytest.mark.slow  # `kit_site` and `reaudio check-plugin` in a fresh process
 def test_unnormalised_embeddings_fail_the_rule_that_says_so(kit_site):
     proc = check(kit_site, "kit-unnormalised")
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -151,6 +153,7 @@ def test_unnormalised_embeddings_fail_the_rule_that_says_so(kit_site):
     assert "PASS text_encoder kitraw: embed returns [B, dim] float32" in proc.stdout
 
 
+@pytest.mark.slow  # `kit_site` and `reaudio check-plugin` in a fresh process
 def test_a_wrong_token_count_fails_the_shape_rule(kit_site):
     proc = check(kit_site, "kit-short-tokens")
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -161,6 +164,7 @@ def test_a_wrong_token_count_fails_the_shape_rule(kit_site):
     assert "PASS audio_encoder kitshort: embed rows are L2-normalised" in proc.stdout
 
 
+@pytest.mark.slow  # `kit_site` (pip-installs plugins)
 def test_a_plugin_without_tiny_parameters_is_told_to_declare_them(kit_site, monkeypatch):
     monkeypatch.syspath_prepend(str(kit_site))  # in process: a registry built now sees the kit packages
     results = check_distribution("kit-no-tiny", registry=build_registry())
@@ -176,6 +180,7 @@ def test_a_distribution_that_registers_nothing_is_an_error(capsys):
     assert "Distributions that do: reaudio" in err
 
 
+@pytest.mark.slow  # `kit_site` and pytest in a fresh process
 def test_the_pytest_helper_fails_a_plugins_suite_and_never_this_one(kit_site, tmp_path):
     """One pytest run over a plugin author's one-line test file and this repository's encoder contract tests,
     with two broken third-party plugins installed: the author's suite fails on the broken rule, this
@@ -197,6 +202,7 @@ def test_the_pytest_helper_fails_a_plugins_suite_and_never_this_one(kit_site, tm
     assert "audio_encoder 'kitshort' comes from kit-short-tokens" in proc.stdout
 
 
+@pytest.mark.slow  # pip-installs the example plugin, pytest in a fresh process
 def test_the_example_plugin_tests_itself_with_the_kit(hashtext_site):
     env = {**os.environ, "PYTHONPATH": str(hashtext_site), "OMP_NUM_THREADS": "1"}
     example = REPO / "examples" / "reaudio-hashtext"

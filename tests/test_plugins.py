@@ -28,6 +28,7 @@ def hashtext_site(tmp_path_factory):
     return target
 
 
+@pytest.mark.slow  # pip-installs a plugin (`hashtext_site`), `reaudio plugins` in a fresh process
 def test_third_party_plugin_is_listed_with_its_distribution(hashtext_site):
     env = {"PYTHONPATH": f"{hashtext_site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = json.loads(run_cli("plugins", "--json", env_extra=env).stdout)
@@ -39,6 +40,7 @@ def test_third_party_plugin_is_listed_with_its_distribution(hashtext_site):
     assert "hashing" in text and "reaudio-hashtext 0.1.0" in text
 
 
+@pytest.mark.slow  # `reaudio index build` with an installed plugin in a fresh process
 def test_third_party_encoder_is_usable_by_name_from_yaml(hashtext_site, tmp_path):
     env = {"PYTHONPATH": f"{hashtext_site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     rows = ["path,caption"]
@@ -62,6 +64,7 @@ def test_plugin_env_var_restricts_loading():
     assert not faiss["available"] and "not enabled" in faiss["error"]
 
 
+@pytest.mark.slow  # fresh processes with a broken installed plugin
 def test_broken_plugin_is_reported_and_the_rest_keeps_working(tmp_path):
     (tmp_path / "broken_reaudio_plugin.py").write_text("raise RuntimeError('kaboom at import')\n")
     dist = tmp_path / "broken_reaudio_plugin-9.9.dist-info"

@@ -364,6 +364,7 @@ def test_vae_latent_encoder(tmp_path, vae_dir):
 
 
 # -- the ldm stage: kill -9, resume, export ----------------------------------------------------------
+@pytest.mark.slow  # kill -9 of a training process, then two more runs
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, db_dir, vae_dir):
     from safetensors.torch import load_file
     cfg = ldm_yaml(tmp_path, db_dir, vae_dir, max_steps=5)
@@ -484,6 +485,7 @@ def test_neighbour_pool_draws_k_of_the_first_pool_neighbours_per_step(tmp_path, 
         T.LdmStage(compose(None, [ldm_yaml(tmp_path, db_dir, vae_dir, neighbour_pool=9)]), DistEnv(), progress=False)
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_ddp_two_cpu_processes_and_the_export_generates(tmp_path, db_dir, vae_dir):
     from reaudio_core.pipeline import ReAudioPipeline
     cfg = ldm_yaml(tmp_path, db_dir, vae_dir, max_steps=3, batch_size=1)
@@ -501,6 +503,7 @@ def test_ddp_two_cpu_processes_and_the_export_generates(tmp_path, db_dir, vae_di
     assert out.waveforms.shape == (1, 5120) and torch.isfinite(out.waveforms).all()
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_distributed_index_build_equals_a_single_process_build(tmp_path, data, db_dir):
     from reaudio_core.database import Database
     proc = run([*TORCHRUN, "-m", "reaudio_core.cli", "index", "build", "--manifest", str(data / "bad.csv"),

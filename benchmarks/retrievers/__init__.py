@@ -69,8 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="threads for every retriever (default: torch's setting)")
     p.add_argument("--time-per-setting", type=float, default=None,
                    help="seconds of one-query-at-a-time timing per setting (default 1, quick 0.2)")
-    p.add_argument("--audiocaps", type=Path, default=REPO.parent / "shared" / "data" / "audiocaps",
-                   help="folder with AudioCaps train.csv and test.csv")
+    p.add_argument("--audiocaps", type=Path,
+                   default=Path(os.environ.get("REAUDIO_DATA") or REPO.parent / "shared" / "data") / "audiocaps",
+                   help="folder with AudioCaps train.csv and test.csv (default: $REAUDIO_DATA/audiocaps)")
     p.add_argument("--cache", type=Path,
                    default=Path(os.environ.get("REAUDIO_CACHE", Path.home() / ".cache" / "reaudio")) / "bench",
                    help="embedding cache folder")

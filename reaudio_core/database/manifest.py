@@ -18,15 +18,17 @@ report; they never stop the build. A manifest without a path or caption column i
 from __future__ import annotations
 
 import csv
+import logging
 import io
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from ..registry import ReaudioError
 from ..io import atomic_write_text
+
+log = logging.getLogger("reaudio")
 
 PATH_COLUMNS = ("path", "file", "audio")
 CAPTION_COLUMNS = ("caption", "caption_1")
@@ -135,7 +137,7 @@ def write_manifest(input_csvs: Sequence[str | Path], out_csv: str | Path) -> int
         good, bad, _ = read_manifest(src)
         rows += good
         for s in bad:
-            print(f"reaudio manifest: skipped {s['manifest']}:{s['line']} {s['path']}: {s['reason']}", file=sys.stderr)
+            log.warning("reaudio manifest: skipped %s:%s %s: %s", s["manifest"], s["line"], s["path"], s["reason"])
     if not rows:
         raise ReaudioError(f"no usable rows in {', '.join(map(str, input_csvs))}")
     buf = io.StringIO(newline="")

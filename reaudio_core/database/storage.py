@@ -28,10 +28,10 @@ before a commit is kept so readers that opened it keep working.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -42,6 +42,8 @@ from ..config import save_config
 from ..io import atomic_write_text, fsync_path, fsync_tree
 from ..registry import ReaudioError
 from .neighbours import _modal, exact_neighbours
+
+log = logging.getLogger("reaudio")
 
 if TYPE_CHECKING:
     from .build import Report
@@ -70,7 +72,7 @@ def _read_json(path: Path, lines: bool = False):
 
 def _pause(stage: str) -> None:
     if os.environ.get(PAUSE_ENV) == stage:
-        print(f"reaudio-db: paused at {stage}", file=sys.stderr, flush=True)
+        log.warning("reaudio-db: paused at %s", stage)
         time.sleep(3600)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from ..interfaces import BASES
 from ..registry import Registry
+from ..pretrained import Pretrained
 
 
 
@@ -125,8 +126,11 @@ def _raises(types, fn, what):
 def _round_trip(ctx, outputs, extra=None):
     """``save_pretrained`` then ``from_pretrained`` give bit-identical ``outputs(component)``."""
     comp = ctx.component
-    if not hasattr(comp, "save_pretrained"):
-        raise NotApplicable("no save_pretrained (no weights of its own)")
+    if not isinstance(comp, Pretrained):
+        if hasattr(comp, "save_pretrained"):
+            raise AssertionError("has save_pretrained but does not subclass reaudio_core.Pretrained: a pipeline "
+                                 "neither saves nor loads its weights")
+        raise NotApplicable("not Pretrained (no weights of its own)")
     comp.save_pretrained(ctx.tmp / "saved")
     again = type(comp).from_pretrained(ctx.tmp / "saved")
     if extra:

@@ -7,9 +7,10 @@
 """
 from __future__ import annotations
 
+import logging
+
 import contextlib
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ import torch
 
 from ..io import atomic_save
 from ..registry import ReaudioError
+
+log = logging.getLogger("reaudio")
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FORMAT = "reaudio-train-checkpoint"
@@ -108,5 +111,5 @@ def latest_checkpoint(out: str | Path) -> tuple[Path, dict] | None:
         try:
             return path, load_checkpoint(path)
         except ReaudioError as exc:
-            print(f"warning: {exc}; trying an older checkpoint", file=sys.stderr)
+            log.warning(f"{exc}; trying an older checkpoint")
     return None

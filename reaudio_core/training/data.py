@@ -16,11 +16,11 @@ import torch
 from .. import distributed
 from ..interfaces import SAMPLE_RATE
 from ..io import atomic_write_text
+from ..mel import MEL_FPS
 from ..registry import ReaudioError
 from .checkpoint import step_seed
 
 SKIP_REPORT = "skipped.csv"
-MEL_FPS = 100  # mel frames per second (hop 160 at 16 kHz)
 HOP = SAMPLE_RATE // MEL_FPS
 
 

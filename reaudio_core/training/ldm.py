@@ -2,8 +2,9 @@
 conditions' features cached in the database."""
 from __future__ import annotations
 
+import logging
+
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from .components import component_fingerprint, feature_info, load_or_build, move
 from .data import Clip, crop_waveform, waveform_to_mel
 from .objectives import LdmObjective, timestep_range
 from .stages import Stage
+
+log = logging.getLogger("reaudio")
 
 
 def text_feature_key(cfg: dict) -> str:
@@ -107,7 +110,7 @@ class LdmStage(Stage):
                  for i, it in enumerate(items) if (it.get("label") or None) not in excluded
                  and (include is None or i in include)]
         if excluded and len(clips) == len(items):
-            print(f"note: training.exclude_labels {sorted(excluded)} matched no database item", file=sys.stderr)
+            log.warning(f"training.exclude_labels {sorted(excluded)} matched no database item")
         self.dataset = self.make_dataset(clips, multiple=self.decoder.compression * self.denoiser.downsample)
         self.dataset.want_mel = not self.t["cache_latents"]
         for component in (self.decoder, self.audio_encoder):  # the caches below are computed on the training device
@@ -176,8 +179,8 @@ class LdmStage(Stage):
         width = min(k, table.shape[1])
         ids[:, :width] = table[rows, :width]
         if k > table.shape[1]:
-            print(f"note: generation.k={k} exceeds the neighbour table width {table.shape[1]}: "
-                  "the extra slots get unconditional inputs", file=sys.stderr)
+            log.warning(f"generation.k={k} exceeds the neighbour table width {table.shape[1]}: "
+                  "the extra slots get unconditional inputs")
         self.neighbour_ids = torch.from_numpy(ids)
         # training.neighbour_pool > k: the k neighbours of each item are drawn per step from a wider pool,
         # so items whose captions tie (one caption per class) do not all share the same k neighbours
@@ -225,13 +228,12 @@ class LdmStage(Stage):
         info = feature_info(self.db, key)
         if cached is not None and unloaded:
             if self.env.is_main:
-                print(f"note: {encoder.entry_name} weights are not installed here ({encoder.why}); using the "
+                log.warning(f"{encoder.entry_name} weights are not installed here ({encoder.why}); using the "
                       f"{what} cached in the database as feature '{key}' (computed with fingerprint "
-                      f"{str(info.get('fingerprint'))[:12]})", file=sys.stderr)
+                      f"{str(info.get('fingerprint'))[:12]})")
         elif cached is not None and info.get("fingerprint") != self._fingerprint(encoder):
             if self.env.is_main:
-                print(f"note: cached feature '{key}' was computed with other weights: recomputing it",
-                      file=sys.stderr)
+                log.warning(f"cached feature '{key}' was computed with other weights: recomputing it")
             cached = None
         if cached is None:
             if unloaded:
@@ -240,7 +242,7 @@ class LdmStage(Stage):
             fp = self._fingerprint(encoder)
             items = list(self.db.items)
             if self.env.is_main:
-                print(f"caching {what} of {len(items)} database items as feature '{key}'", file=sys.stderr)
+                log.info(f"caching {what} of {len(items)} database items as feature '{key}'")
 
             def run(part):
                 if not len(part):

@@ -10,6 +10,7 @@ import torch
 
 from .. import distributed
 from ..config import SLOTS, save_config
+from ..pretrained import Pretrained
 from ..registry import ReaudioError, get_registry
 from .components import _params_of, load_or_build
 from .data import Clip, ClipDataset, read_manifest_clips, scan_clips
@@ -127,7 +128,7 @@ class VocoderStage(Stage):
         clips = self.clips()
         self.vocoder = load_or_build(cfg, "vocoder")
         self.dataset = self.make_dataset(clips, want_wave=True)
-        if not hasattr(self.vocoder, "save_pretrained"):
+        if not isinstance(self.vocoder, Pretrained):
             raise ReaudioError(f"vocoder '{cfg['vocoder']['name']}' has no weights to train")
         self.objective = VocoderObjective(self.vocoder, float(self.t["stft_loss_weight"]))
 

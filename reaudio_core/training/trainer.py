@@ -2,6 +2,7 @@
 ``reaudio train``."""
 from __future__ import annotations
 
+
 import contextlib
 import copy
 import json
@@ -10,7 +11,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,8 +225,8 @@ class Trainer:
             raise ReaudioError(f"the {t['stage']} stage found no trainable parameters")
         if t["trainable"] != "all" and env.is_main:
             total = sum(p.numel() for p in self.objective.parameters())
-            print(f"training.trainable={t['trainable']}: {sum(p.numel() for p in self.params)} of {total} "
-                  "parameters trained, the rest frozen", file=sys.stderr)
+            log.info(f"training.trainable={t['trainable']}: {sum(p.numel() for p in self.params)} of {total} "
+                  "parameters trained, the rest frozen")
         self.model: nn.Module = self.objective
         if env.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -275,8 +275,8 @@ class Trainer:
                                "the same config (only training.max_steps, checkpoint/log intervals, num_workers "
                                "may change) or train into a new --out")
         if state.get("world_size", 1) != self.env.world:
-            print(f"note: checkpoint written with {state.get('world_size')} process(es), resuming with "
-                  f"{self.env.world}: the data order differs from an uninterrupted run", file=sys.stderr)
+            log.warning(f"checkpoint written with {state.get('world_size')} process(es), resuming with "
+                  f"{self.env.world}: the data order differs from an uninterrupted run")
         self.trained_module().load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
@@ -314,13 +314,12 @@ class Trainer:
             found = latest_checkpoint(self.out)
             if found is None:
                 if env.is_main:
-                    print(f"note: --resume but no checkpoint in {self.out / CHECKPOINT_DIR}: starting at step 0",
-                          file=sys.stderr)
+                    log.warning(f"--resume but no checkpoint in {self.out / CHECKPOINT_DIR}: starting at step 0")
             else:
                 resumed_from, state = found
                 start = self.restore(state)
                 if env.is_main:
-                    print(f"resuming from {resumed_from} (step {start})", file=sys.stderr)
+                    log.info(f"resuming from {resumed_from} (step {start})")
         elif list_checkpoints(self.out):
             raise ReaudioError(f"{self.out} already holds checkpoints: pass --resume to continue, or choose "
                                "another --out")
@@ -328,10 +327,9 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.stage.skipped:
                 write_skip_report(self.out, self.stage.skipped)
-                print(f"skipped {len(self.stage.skipped)} unusable clip(s), listed in {self.out / SKIP_REPORT}:",
-                      file=sys.stderr)
+                log.warning(f"skipped {len(self.stage.skipped)} unusable clip(s), listed in {self.out / SKIP_REPORT}:")
                 for p, r in self.stage.skipped[:10]:
-                    print(f"  {p}: {r}", file=sys.stderr)
+                    log.warning(f"  {p}: {r}")
             save_config(self.cfg, self.out)
         runlog = RunLog(self.out, env.is_main, start if resume else None)
         stop = int(t["max_steps"])
