@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checks
+from . import checks, conditioning
+from .conditioning import feature_key  # noqa: F401  (re-exported: its old home)
 from .config import CONFIG_FILE, RECORD_KEY, SLOTS, build, compose, load_config, save_config
 from .interfaces import SAMPLE_RATE, Conditioning
 from .mel import MEL_FPS
@@ -300,24 +301,21 @@ class ReAudioPipeline:
         return out
 
     def _caption_states(self, neighbours: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        n_tok = self.cfg["generation"]["caption_tokens"]
-        cached = self.database.features(self._feature_key("caption")) if self.database is not None else None
-        if cached is not None:
-            states = torch.from_numpy(np.stack([cached["states"][n["id"]] for n in neighbours])).float()
-            mask = torch.from_numpy(np.stack([cached["mask"][n["id"]] for n in neighbours]))
-        else:
-            states, mask = self.caption_encoder.encode_tokens([n["caption"] for n in neighbours], max_tokens=n_tok)
-        return states.reshape(1, -1, states.shape[-1]), mask.reshape(1, -1)
+        """``([1, n*L, d], [1, n*L])`` caption states of one prompt's n neighbours: the database's cache, else
+        the caption encoder."""
+        table = conditioning.cached(self.database, self._feature_key("caption"))
+        if table is not None:
+            return conditioning.gather(*table, [[n["id"] for n in neighbours]])
+        return conditioning.flatten(*conditioning.caption_states(
+            self.caption_encoder, [n["caption"] for n in neighbours], self.cfg["generation"]["caption_tokens"]))
 
     def _audio_tokens(self, neighbours: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        cached = self.database.features(self._feature_key("audio")) if self.database is not None else None
-        if cached is not None:
-            tokens = torch.from_numpy(np.stack([cached["states"][n["id"]] for n in neighbours])).float()
-            mask = torch.from_numpy(np.stack([cached["mask"][n["id"]] for n in neighbours]))
-        else:
-            from .audio import load_audio
-            tokens, mask = self.audio_encoder.encode_tokens([load_audio(n["path"]) for n in neighbours])
-        return tokens.reshape(1, -1, tokens.shape[-1]), mask.reshape(1, -1)
+        """``([1, n*L, d], [1, n*L])`` audio tokens of one prompt's n neighbours: the database's cache, else
+        the audio encoder."""
+        table = conditioning.cached(self.database, self._feature_key("audio"))
+        if table is not None:
+            return conditioning.gather(*table, [[n["id"] for n in neighbours]])
+        return conditioning.flatten(*conditioning.audio_tokens(self.audio_encoder, [n["path"] for n in neighbours]))
 
     def _feature_key(self, stream: str) -> str:
         slot = "caption_encoder" if stream == "caption" else "audio_encoder"
@@ -333,7 +331,6 @@ class ReAudioPipeline:
                        streams: Sequence[str] = ("caption", "audio")) -> list[str]:
         """Precompute neighbour features of every database item into the database, so generation
         does not re-run the caption / audio encoders on neighbours. Returns the feature names written."""
-        from .audio import load_audio
         if self.database is None:
             raise ReaudioError("no database to cache features into")
         written = []
@@ -346,10 +343,10 @@ class ReAudioPipeline:
             for i in tqdm(range(0, len(items), batch_size), desc=f"{stream} features", disable=not progress):
                 batch = items[i:i + batch_size]
                 if stream == "caption":
-                    s, m = encoder.encode_tokens([it["caption"] for it in batch],
-                                                 max_tokens=self.cfg["generation"]["caption_tokens"])
+                    s, m = conditioning.caption_states(encoder, [it["caption"] for it in batch],
+                                                       self.cfg["generation"]["caption_tokens"])
                 else:
-                    s, m = encoder.encode_tokens([load_audio(it["path"]) for it in batch])
+                    s, m = conditioning.audio_tokens(encoder, [it["path"] for it in batch])
                 states.append(s.numpy().astype(np.float32))
                 masks.append(m.numpy())
             name = self._feature_key(stream)
@@ -358,32 +355,24 @@ class ReAudioPipeline:
         return written
 
     def condition(self, prompts: list[str], k: int) -> tuple[Conditioning, Conditioning, list[list[dict]]]:
-        """(conditional, unconditional, neighbours) for a batch of prompts (reference section 3)."""
+        """(conditional, unconditional, neighbours) for a batch of prompts (reference section 3), built by
+        :mod:`reaudio_core.conditioning` as training builds them."""
         d, retrieval = self.denoiser, self.cfg["generation"]["retrieval"]
-        n_tok = self.cfg["generation"]["caption_tokens"]
         prompt = self.text_encoder.embed(prompts)
         neighbours = self.retrieve(prompt, k) if retrieval != "none" else [[] for _ in prompts]
-        P = len(prompts)
-        uncond = Conditioning(prompt=self.text_encoder.embed([""]).expand(P, -1))
-        cond = Conditioning(prompt=prompt)
-        if d.text_dim is not None:
-            empty, _ = self.caption_encoder.encode_tokens([""] * k, max_tokens=n_tok)
-            empty = empty.reshape(1, -1, empty.shape[-1]).expand(P, -1, -1)
-            uncond.captions, uncond.caption_mask = empty, torch.ones(P, empty.shape[1], dtype=torch.bool)
-            if retrieval in ("text", "audio+text"):
-                parts = [self._caption_states(n) for n in neighbours]
-                cond.captions, cond.caption_mask = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            else:
-                cond.captions, cond.caption_mask = uncond.captions, uncond.caption_mask
-        if d.audio_dim is not None:
-            n = k * self.audio_encoder.num_tokens
-            uncond.audio = torch.zeros(P, n, d.audio_dim)
-            uncond.audio_mask = torch.ones(P, n, dtype=torch.bool)
-            if retrieval in ("audio", "audio+text"):
-                parts = [self._audio_tokens(nb) for nb in neighbours]
-                cond.audio, cond.audio_mask = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            else:
-                cond.audio, cond.audio_mask = uncond.audio, uncond.audio_mask
+        empty_prompt, empty_caption = conditioning.empty_text(
+            self.text_encoder, self.caption_encoder if d.text_dim is not None else None,
+            self.cfg["generation"]["caption_tokens"])
+        audio = (self.audio_encoder.num_tokens, d.audio_dim) if d.audio_dim is not None else None
+        uncond = conditioning.unconditional(empty_prompt, k, empty_caption, audio, batch=len(prompts))
+        captions = tokens = None
+        if d.text_dim is not None and retrieval in ("text", "audio+text"):
+            parts = [self._caption_states(n) for n in neighbours]
+            captions = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        if d.audio_dim is not None and retrieval in ("audio", "audio+text"):
+            parts = [self._audio_tokens(nb) for nb in neighbours]
+            tokens = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        cond = conditioning.assemble(prompt, uncond, captions, tokens)
         if checks.enabled():  # what the denoiser gets: widths, and conditional and unconditional streams agree
             streams = {"prompt": "text_encoder", "captions": "caption_encoder", "audio": "audio_encoder"}
             checks.check_conditioning(cond, uncond, d, {f: f"{s} '{self.cfg[s]['name']}'" for f, s in streams.items()
@@ -691,21 +680,3 @@ def resolve_path(value: str | Path | None) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         raise ReaudioError(f"{text}: no installed package '{package}'")
     return Path(list(spec.submodule_search_locations)[0]) / rel
-
-
-def feature_key(cfg: dict, slot: str, weights: Path | Sequence[Path] | None = None) -> str:
-    """Name under which a database caches neighbour features of the encoder in ``slot``: the
-    component's name, a hash of its parameters, and of its weights file(s) when it has them."""
-    import hashlib
-    import json
-    entry = cfg[slot]
-    params = dict(entry.get("params") or {})
-    if weights is not None:  # the weights' bytes identify them; where they were loaded from does not
-        for key in ("weights", "checkpoint", "pretrained", "device", "batch_size"):
-            params.pop(key, None)
-    h = hashlib.sha1(json.dumps({"name": entry["name"], "params": params}, sort_keys=True, default=str).encode())
-    if slot == "caption_encoder":
-        h.update(str(cfg["generation"]["caption_tokens"]).encode())
-    for f in ([weights] if isinstance(weights, (str, Path)) else weights or []):
-        h.update(hashlib.sha1(Path(f).read_bytes()).digest())
-    return f"{slot}-{entry['name']}-{h.hexdigest()[:12]}"

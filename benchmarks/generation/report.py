@@ -35,8 +35,8 @@ def stage_table(results: list[dict]) -> list[str]:
         rows = [
             (f"prompt encoder ({enc['text_encoder']['name']}, prompt + empty prompt)", st["prompt encoder"], 2, None),
             (f"retrieval (torch, k={k} of {info['database_items']})", st["retrieval"], 1, None),
-            (f"caption encoder ({enc['caption_encoder']['name']}, {k} empty captions x {n_tok} tokens, "
-             "unconditional)", st["caption encoder"], 1, None),
+            (f"caption encoder ({enc['caption_encoder']['name']}, the empty caption x {n_tok} tokens, "
+             f"unconditional, in {k} slots)", st["caption encoder"], 1, None),
             ("neighbour features (cached) + assembly", st["neighbour features"], None, None),
             (f"UNet per step (batch 2: guidance batched, latents {'x'.join(map(str, info['latent_shape']))})",
              e["unet_step"], None, ref["unet_step"] if is_s else None),

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import distributed
+from .. import conditioning, distributed
 from ..config import build
 from ..interfaces import Conditioning
 from ..registry import ReaudioError
@@ -53,8 +53,9 @@ class LdmStage(Stage):
     neighbour table (or, with ``training.neighbour_pool`` > k, k of its first neighbour_pool columns drawn
     afresh each step) give the retrieved captions (caption encoder states, ``generation.caption_tokens``
     each) and clips (audio encoder tokens). Neighbour features are computed once and cached in the
-    database (``Database.save_features``) under :func:`reaudio_core.pipeline.feature_key`, where
-    generation reads them too.
+    database (``Database.save_features``) under :func:`reaudio_core.conditioning.feature_key`, where
+    generation reads them too; conditional and unconditional inputs are built by
+    :mod:`reaudio_core.conditioning`, as generation builds them.
     """
 
     name = "ldm"
@@ -150,7 +151,6 @@ class LdmStage(Stage):
 
     # features (computed once, cached) --------------------------------------------------------
     def features(self) -> None:
-        from ..pipeline import feature_key
         gen, d = self.cfg["generation"], self.denoiser
         retrieval, k, n_tok = gen["retrieval"], self.k, gen["caption_tokens"]
         clips = self.dataset.clips
@@ -159,11 +159,12 @@ class LdmStage(Stage):
             e = self.text_encoder.embed([it.get("caption") or "" for it in part]).float()
             return e[:, None], torch.ones(len(part), 1, dtype=torch.bool)
 
-        def empties():  # the unconditional inputs' text parts, exactly as ReAudioPipeline.condition builds them
-            out = {"empty_prompt": self.text_encoder.embed([""]).float()[0].tolist()}
-            if d.text_dim:
-                states, _ = self.caption_encoder.encode_tokens([""], max_tokens=n_tok)
-                out["empty_caption"] = states[0].float().tolist()  # [n_tok, token_dim]
+        def empties():  # the unconditional inputs' text parts
+            prompt, caption = conditioning.empty_text(self.text_encoder, self.caption_encoder if d.text_dim else None,
+                                                      n_tok)
+            out = {"empty_prompt": prompt.tolist()}
+            if caption is not None:
+                out["empty_caption"] = caption.tolist()  # [n_tok, token_dim]
             return out
 
         prompts, _, info = self.cached_features(text_feature_key(self.cfg), embed, "prompt embeddings",
@@ -192,42 +193,25 @@ class LdmStage(Stage):
                 raise ReaudioError(f"training.neighbour_pool={pool} exceeds the neighbour table width "
                                    f"{table.shape[1]} of {self.t['database']} (database.neighbours)")
             self.neighbour_pool = torch.from_numpy(table[rows, :pool].astype(np.int64))
-        # unconditional inputs, exactly as ReAudioPipeline.condition builds them
-        uncond = Conditioning(prompt=torch.tensor(info["empty_prompt"], dtype=torch.float32)[None])
-        if d.text_dim:
-            empty = torch.tensor(info["empty_caption"], dtype=torch.float32)  # [n_tok, token_dim]
-            uncond.captions = empty.repeat(k, 1)[None]
-            uncond.caption_mask = torch.ones(1, uncond.captions.shape[1], dtype=torch.bool)
-        if d.audio_dim:
-            n = k * self.audio_encoder.num_tokens
-            uncond.audio = torch.zeros(1, n, d.audio_dim)
-            uncond.audio_mask = torch.ones(1, n, dtype=torch.bool)
-        self.uncond = uncond
+        # unconditional inputs (a batch of one)
+        self.empty_caption = torch.tensor(info["empty_caption"], dtype=torch.float32) if d.text_dim else None
+        self.uncond = conditioning.unconditional(
+            torch.tensor(info["empty_prompt"], dtype=torch.float32), k, self.empty_caption,
+            (self.audio_encoder.num_tokens, d.audio_dim) if d.audio_dim else None)
         # per-database-item neighbour features
         self.caption_feats = self.audio_feats = None
         if d.text_dim and retrieval in ("text", "audio+text"):
             self.caption_feats = self.cached_features(
-                feature_key(self.cfg, "caption_encoder"),
-                lambda part: self.caption_encoder.encode_tokens([it.get("caption") or "" for it in part],
-                                                                max_tokens=n_tok), "caption states",
-                self.caption_encoder)[:2]
-            self.empty_caption = uncond.captions[0, :n_tok], uncond.caption_mask[0, :n_tok]
+                conditioning.feature_key(self.cfg, "caption_encoder"),
+                lambda part: conditioning.caption_states(self.caption_encoder,
+                                                         [it.get("caption") or "" for it in part], n_tok),
+                "caption states", self.caption_encoder)[:2]
         if d.audio_dim and retrieval in ("audio", "audio+text"):
-            self.audio_feats = self.cached_features(feature_key(self.cfg, "audio_encoder"),
-                                                    self._audio_tokens, "audio tokens", self.audio_encoder)[:2]
-
-    def _audio_tokens(self, part):
-        from ..audio import AudioProblem, load_audio
-        states, masks = [], []
-        n, dim = self.audio_encoder.num_tokens, self.audio_encoder.token_dim
-        for it in part:
-            try:
-                s, m = self.audio_encoder.encode_tokens([load_audio(it["path"])])
-            except AudioProblem:  # an unreadable neighbour clip: an unconditional slot
-                s, m = torch.zeros(1, n, dim), torch.ones(1, n, dtype=torch.bool)
-            states.append(s)
-            masks.append(m)
-        return torch.cat(states), torch.cat(masks)
+            self.audio_feats = self.cached_features(  # an unreadable neighbour clip: an unconditional slot
+                conditioning.feature_key(self.cfg, "audio_encoder"),
+                lambda part: conditioning.audio_tokens(self.audio_encoder, [it["path"] for it in part],
+                                                       unreadable_empty=True),
+                "audio tokens", self.audio_encoder)[:2]
 
     def cached_features(self, key: str, compute, what: str, encoder, extra=None):
         """``(states [N_db, L, d], mask [N_db, L], info)`` for every database item, from the database's
@@ -334,35 +318,13 @@ class LdmStage(Stage):
         return pool.gather(1, chosen)
 
     def condition(self, pos: torch.Tensor) -> Conditioning:
-        """Training-item positions -> conditional inputs (before guidance dropout)."""
-        B = len(pos)
-        cond = Conditioning(prompt=self.prompts[pos])
-        u = self.uncond
+        """Training-item positions -> conditional inputs (before guidance dropout); a missing neighbour
+        (id -1) is an unconditional slot."""
         nb = self.neighbour_ids[pos] if self.neighbour_pool is None else self.draw_neighbours(pos)  # [B, k]
-        if u.captions is not None:
-            if self.caption_feats is None:
-                cond.captions, cond.caption_mask = u.captions.expand(B, -1, -1), u.caption_mask.expand(B, -1)
-            else:
-                states, mask = self.caption_feats
-                es, em = self.empty_caption
-                safe = nb.clamp(min=0)
-                s, m = states[safe], mask[safe]  # [B, k, L, d], [B, k, L]
-                missing = (nb < 0)
-                s = torch.where(missing[..., None, None], es.expand_as(s), s)
-                m = torch.where(missing[..., None], torch.ones_like(m), m)
-                cond.captions, cond.caption_mask = s.reshape(B, -1, s.shape[-1]), m.reshape(B, -1)
-        if u.audio is not None:
-            if self.audio_feats is None:
-                cond.audio, cond.audio_mask = u.audio.expand(B, -1, -1), u.audio_mask.expand(B, -1)
-            else:
-                states, mask = self.audio_feats
-                safe = nb.clamp(min=0)
-                s, m = states[safe], mask[safe]
-                missing = (nb < 0)
-                s = torch.where(missing[..., None, None], torch.zeros_like(s), s)
-                m = torch.where(missing[..., None], torch.ones_like(m), m)
-                cond.audio, cond.audio_mask = s.reshape(B, -1, s.shape[-1]), m.reshape(B, -1)
-        return cond
+        captions = None if self.caption_feats is None else conditioning.gather(*self.caption_feats, nb,
+                                                                               self.empty_caption)
+        audio = None if self.audio_feats is None else conditioning.gather(*self.audio_feats, nb)
+        return conditioning.assemble(self.prompts[pos], self.uncond, captions, audio)
 
     def prepare(self, batch: dict, device: torch.device) -> dict:
         pos = batch["pos"]

@@ -113,8 +113,8 @@ class LdmObjective(nn.Module):
 
     Per batch, with probability ``drop_all`` every condition is replaced by its unconditional input;
     otherwise each sample's prompt embedding is replaced with probability ``drop_prompt``
-    (reference section 5). The unconditional inputs are exactly those of
-    :meth:`ReAudioPipeline.condition`.
+    (reference section 5). The unconditional inputs are :func:`reaudio_core.conditioning.unconditional`'s,
+    as generation guides with.
     """
 
     def __init__(self, denoiser, scheduler, uncond: Conditioning, drop_all: float, drop_prompt: float,
