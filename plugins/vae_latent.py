@@ -41,7 +41,7 @@ POOLS = ("avg", "avg+max")
 class VaeLatentEncoder(Pretrained, AudioEncoder):
     def __init__(self, *, weights, vae, num_tokens, pool, max_seconds, device):
         from reaudio_core.registry import get_registry
-        from reaudio_core.pipeline import resolve_path
+        from reaudio_core.loading import resolve_path
         spec = get_registry().spec("decoder", "vae")
         self.untrained = not weights
         if weights:

@@ -16,7 +16,7 @@ WEIGHT_PARAMS = ("checkpoint", "weights", "pretrained", "model_path")
 
 def _weight_problem(value: str, produced: Sequence[Path]) -> str | None:
     """None when ``value`` (a component's weights parameter) is usable here; else what is missing."""
-    from ..pipeline import resolve_path
+    from ..loading import resolve_path
     try:
         p = resolve_path(str(value))  # a path, or pkg:PACKAGE/PATH (the offline preset's shipped weights)
     except ReaudioError as exc:
