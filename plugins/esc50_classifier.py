@@ -36,6 +36,7 @@ from torch import nn
 
 from reaudio_core import hookimpl
 from reaudio_core.interfaces import FeatureModel
+from reaudio_core.io import atomic_write, atomic_write_text
 from reaudio_core.registry import ReaudioError
 
 from ._features import pad_to, sha256_file
@@ -299,15 +300,12 @@ def accuracy(front: LogMel, net: Esc50Net, x: np.ndarray, y: np.ndarray) -> floa
 
 
 def save_weights(net: Esc50Net, config: dict, out: Path) -> None:
-    """Atomic: write into a temporary folder beside ``out``, then swap the two files in."""
+    """Atomic per file (:func:`reaudio_core.io.atomic_write`): each of the two files is the old or the new one."""
     from safetensors.torch import save_file
-    out.mkdir(parents=True, exist_ok=True)
-    for name, write in (("model.safetensors", lambda p: save_file({k: v.contiguous() for k, v in
-                                                                   net.state_dict().items()}, str(p))),
-                        ("config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))):
-        tmp = out / f".{name}.tmp"
-        write(tmp)
-        os.replace(tmp, out / name)
+    tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp))
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    for name in ("model.safetensors", "config.json"):
         os.chmod(out / name, 0o644)
 
 

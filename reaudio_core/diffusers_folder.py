@@ -243,10 +243,8 @@ def export(model_dir: str | Path, out: str | Path) -> Path:
     """Write the saved pipeline ``model_dir`` as a diffusers ``AudioLDMPipeline`` folder ``out`` (which must not
     exist or be empty). Refuses, naming every reason, a pipeline that diffusers cannot run as it runs here."""
     import copy
-    import os
-    import shutil
-    import tempfile
 
+    from .io import atomic_dir
     from .mel import MEL_FPS
     from .pipeline import ReAudioPipeline, make_scheduler
     model_dir, out = Path(model_dir), Path(out)
@@ -276,14 +274,8 @@ def export(model_dir: str | Path, out: str | Path) -> Path:
     tokenizer.model_max_length = pipe.text_encoder.max_length  # diffusers pads and truncates prompts to it
     folder = AudioLDMPipeline(vae=vae, text_encoder=_text_tower(pipe.text_encoder), tokenizer=tokenizer, unet=unet,
                               scheduler=make_scheduler(pipe.cfg, gen["sampler"]), vocoder=pipe.vocoder.model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent)))
-    try:
+    with atomic_dir(out) as tmp:
         folder.save_pretrained(str(tmp), safe_serialization=True)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):  # filled while we wrote: never replace it
+            raise ReaudioError(f"{out} exists and is not empty; export into a new directory")
     return out

@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +36,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from .io import atomic_write
 from .registry import ReaudioError
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd",
@@ -218,16 +218,10 @@ class FeatureCache:
         self.computed += 1
         if self.dir is None:
             return
-        p = self.path(sha)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a bare name
                 np.savez(f, **entry)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.path(sha), write)
 
 
 def extract(model, clips: Sequence[Clip], cache: FeatureCache, *, logits: bool, batch_size: int = 8,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from .plots import save_figure
 from .registry import ReaudioError
 
 #: the paper's frequency buckets (AudioCaps-size training sets)
@@ -290,13 +291,7 @@ def plot_buckets(path: str | Path, per_model: Mapping[str, dict], score: str, bu
         ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _fmt(v, digits=3) -> str:

@@ -4,6 +4,19 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+from .io import atomic_write
+
+
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """Write the matplotlib figure ``fig`` to ``path`` atomically (:func:`reaudio_core.io.atomic_write`) in the
+    format ``path``'s suffix names (PNG without one), then close it. Returns ``path``."""
+    import matplotlib.pyplot as plt
+    fmt = Path(path).suffix[1:].lower() or "png"
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
+    finally:
+        plt.close(fig)
+
 
 def save_mel_png(path: str | Path, mel, title: str, captions: list[str] | None = None) -> None:
     """A log-mel ``[T, 64]`` as an image, titled with the prompt and the retrieved captions."""
@@ -22,5 +35,4 @@ def save_mel_png(path: str | Path, mel, title: str, captions: list[str] | None =
         head += "\nretrieved: " + textwrap.shorten("; ".join(captions), 110)
     ax.set_title(head, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

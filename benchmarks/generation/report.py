@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reaudio_core.io import atomic_write
+from reaudio_core.plots import save_figure
 
 from .constants import CAPTIONS, GUIDANCE, ISSUE_REFERENCE, TARGET_CLIP, TARGET_RATIO, TARGET_SECONDS, TARGET_STEPS
 
@@ -236,8 +236,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax2.grid(True, alpha=0.3)
         ax2.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def markdown(results: list[dict], args, t_lines: list[str], total: float, load: tuple, cpu: str,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from reaudio_core.io import atomic_write
+from reaudio_core.plots import save_figure
 
 from .measure import TIE_EPS, Bandwidth
 
@@ -94,8 +94,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def markdown(rows: list[dict], datasets: list[dict], bw: Bandwidth, target_lines: list[str], quick: bool,

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
+from ..plots import save_figure
 from .plan import Plan, Variant
 from .spec import BUCKET_SCORES, METRICS
 
@@ -151,11 +151,7 @@ def plot_k_sweep(path: Path, summary: list[dict]) -> Path | None:
         ax.set_title(f"{name} ({'higher' if hib else 'lower'} is better)", fontsize=9)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_longtail(plan: Plan, summary: list[dict]) -> list[Path]:

@@ -3,6 +3,7 @@ evaluation per cell, each skipped when its key matches what is on disk."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -10,12 +11,15 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..io import atomic_dir, atomic_write, atomic_write_text
 from ..registry import ReaudioError
 from .check import check_plan, describe_plan
 from .plan import Plan, Training, Variant, build_plan
 from .report import _cell_summary, plot_k_sweep, plot_longtail, summarise, table_markdown
-from .spec import (BUCKET_SCORES, _atomic_text, _dotlist, _evaluation_settings, _hash, _listify, _read_json,
+from .spec import (BUCKET_SCORES, _dotlist, _evaluation_settings, _hash, _listify, _read_json,
                    load_experiment)
+
+logger = logging.getLogger("reaudio")
 
 
 # -- running --------------------------------------------------------------------------------------------
@@ -75,23 +79,18 @@ def _ensure_reference(plan: Plan) -> Path:
     marker = ref / ".reference.json"
     if (_read_json(marker) or {}).get("key") == key:
         return ref
-    tmp = ref.with_name(f".{ref.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    names = set()
-    for name, path in want:
-        if name in names:
-            raise ReaudioError(f"reference: two database clips are both named {name}; file stems must be unique")
-        names.add(name)
-        dest = tmp / f"{name}{Path(path).suffix}"
-        try:
-            os.symlink(path, dest)
-        except OSError:
-            shutil.copy2(path, dest)
-    (tmp / ".reference.json").write_text(json.dumps({"key": key, "clips": len(want)}))
-    if ref.exists():
-        shutil.rmtree(ref)
-    os.replace(tmp, ref)
+    with atomic_dir(ref) as tmp:
+        names = set()
+        for name, path in want:
+            if name in names:
+                raise ReaudioError(f"reference: two database clips are both named {name}; file stems must be unique")
+            names.add(name)
+            dest = tmp / f"{name}{Path(path).suffix}"
+            try:
+                os.symlink(path, dest)
+            except OSError:
+                shutil.copy2(path, dest)
+        (tmp / ".reference.json").write_text(json.dumps({"key": key, "clips": len(want)}))
     return ref
 
 
@@ -105,7 +104,7 @@ def _run_training(tr: Training, procs: int, progress: bool, log) -> float:
         import yaml
         tr.dir.mkdir(parents=True, exist_ok=True)
         cfg_file = tr.dir / "experiment-train.yaml"
-        _atomic_text(cfg_file, yaml.safe_dump(tr.cfg, sort_keys=False))
+        atomic_write_text(cfg_file, yaml.safe_dump(tr.cfg, sort_keys=False))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
                "-m", "reaudio_core.cli", "train", "--config", str(cfg_file), "--out", str(tr.dir)]
         cmd += ["--resume"] if resume else []
@@ -116,8 +115,8 @@ def _run_training(tr: Training, procs: int, progress: bool, log) -> float:
     else:
         train(tr.cfg, out=tr.dir, resume=resume, progress=progress)
     seconds = time.time() - t0
-    _atomic_text(tr.dir / "experiment-training.json", json.dumps({"key": tr.key, "seconds": seconds,
-                                                                 "resumed": resume, "procs": procs}))
+    atomic_write_text(tr.dir / "experiment-training.json", json.dumps({"key": tr.key, "seconds": seconds,
+                                                                      "resumed": resume, "procs": procs}))
     return seconds
 
 
@@ -154,17 +153,13 @@ def _pipeline(plan: Plan, v: Variant, seed: int):
 
 
 def _write_wav_atomic(path: Path, wav, sample_rate: int) -> None:
-    """16-bit WAV via a hidden temporary file (no audio suffix, so evaluation never sees a partial clip)."""
+    """16-bit WAV via :func:`~reaudio_core.io.atomic_write` (its hidden temporary file has no audio suffix,
+    so evaluation never sees a partial clip)."""
     import numpy as np
     import soundfile as sf
     data = np.clip(np.asarray(wav.detach().cpu() if hasattr(wav, "detach") else wav, dtype=np.float32).reshape(-1),
                    -1.0, 1.0)
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        sf.write(f, data, sample_rate, subtype="PCM_16", format="WAV")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: sf.write(tmp, data, sample_rate, subtype="PCM_16", format="WAV"))
 
 
 def _gen_key(plan: Plan, v: Variant, seed: int) -> str:
@@ -186,10 +181,10 @@ def _generate_cell(plan: Plan, v: Variant, seed: int, pipe_cache: dict, progress
     if state.get("key") not in (None, key) and cell.exists():  # another configuration's clips: start afresh
         shutil.rmtree(cell)
     cell.mkdir(parents=True, exist_ok=True)
-    for leftover in cell.glob(".*.part-*"):  # a clip being written when a previous run was interrupted
+    for leftover in cell.glob(".*.wav.tmp-*"):  # a clip being written when a previous run was interrupted
         leftover.unlink(missing_ok=True)
     if state.get("key") != key:
-        _atomic_text(marker, json.dumps({"key": key, "complete": False}))
+        atomic_write_text(marker, json.dumps({"key": key, "complete": False}))
         state = {"key": key, "complete": False}
     todo = [p for p in plan.prompts if not (cell / f"{p.name}.wav").exists()]
     t0 = time.time()
@@ -213,9 +208,9 @@ def _generate_cell(plan: Plan, v: Variant, seed: int, pipe_cache: dict, progress
                 _write_wav_atomic(cell / f"{p.name}.wav", wav, result.sample_rate)
                 neighbours[p.name] = [n.get("caption") for n in nb]
             if progress:
-                print(f"  {v.name} seed {seed}: {min(i + bs, len(todo))}/{len(todo)} clips", file=sys.stderr)
+                logger.info(f"  {v.name} seed {seed}: {min(i + bs, len(todo))}/{len(todo)} clips")
     seconds = time.time() - t0 + float(state.get("seconds", 0.0))
-    _atomic_text(marker, json.dumps({"key": key, "complete": True, "seconds": seconds, "clips": len(plan.prompts),
+    atomic_write_text(marker, json.dumps({"key": key, "complete": True, "seconds": seconds, "clips": len(plan.prompts),
                                      "generation": settings, "neighbours": neighbours}))
     return False, seconds
 
@@ -248,18 +243,20 @@ def _eval_cell(plan: Plan, v: Variant, seed: int, models: dict) -> tuple[bool, d
     res["labelled_items"] = items
     res["key"] = key
     res["seconds"] = time.time() - t0
-    _atomic_text(path, json.dumps(res, indent=1, ensure_ascii=False, default=str))
+    atomic_write_text(path, json.dumps(res, indent=1, ensure_ascii=False, default=str))
     return False, res
 
 
 # -- entry point ----------------------------------------------------------------------------------------
 def run_experiment(config: str | Path, overrides: Sequence[str] = (), out: str | Path | None = None,
                    dry_run: bool = False, progress: bool = True) -> dict | None:
-    """Run (or with ``dry_run`` only check and describe) an experiment; returns results.json's content."""
+    """Run (or with ``dry_run`` only check and describe) an experiment; returns results.json's content.
+    A dry run writes the plan to stdout (it is the command's output); progress goes to the ``reaudio`` logger
+    (INFO) when ``progress``."""
     import torch
     spec = load_experiment(config, overrides, out)
     plan = build_plan(spec)
-    log = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    log = logger.info if progress else (lambda msg: None)
     if dry_run:
         problems = check_plan(plan)
         print(describe_plan(plan))
@@ -277,7 +274,7 @@ def run_experiment(config: str | Path, overrides: Sequence[str] = (), out: str |
         raise ReaudioError("this experiment requires a CUDA GPU (requires.gpu) and none is available")
     out_dir = plan.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out_dir / "experiment.json", json.dumps({k: v for k, v in spec.items()}, indent=1, default=str))
+    atomic_write_text(out_dir / "experiment.json", json.dumps({k: v for k, v in spec.items()}, indent=1, default=str))
     threads = torch.get_num_threads()
     if spec["threads"]:
         torch.set_num_threads(int(spec["threads"]))
@@ -364,8 +361,8 @@ def run_experiment(config: str | Path, overrides: Sequence[str] = (), out: str |
                                                         .get("seconds") or 0.0) for v in plan.variants for s in spec["seeds"])},
             "this_run": {"seconds": time.time() - t_start, **stats},
         }
-        _atomic_text(out_dir / "results.json", json.dumps(results, indent=1, ensure_ascii=False, default=str))
-        _atomic_text(out_dir / "table.md", table_markdown(plan, cells, summary, feature_info))
+        atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1, ensure_ascii=False, default=str))
+        atomic_write_text(out_dir / "table.md", table_markdown(plan, cells, summary, feature_info))
         plot_k_sweep(out_dir / "k_sweep.png", summary)
         plot_longtail(plan, summary)
         log(f"done in {time.time() - t_start:.1f} s: ran {stats['ran']}, skipped finished {stats['skipped']}; "

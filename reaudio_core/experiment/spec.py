@@ -56,11 +56,6 @@ def _listify(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    from ..io import atomic_write_text
-    atomic_write_text(path, text)
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -3,12 +3,13 @@ preset's folder plugins/weights/offline/) and ``experts`` (a pipeline directory 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from reaudio_core.io import replace_dir
 
 from . import settings
 
@@ -95,9 +96,7 @@ def package(args) -> None:
     (vdir / "items.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                                       encoding="utf-8")
     shutil.copy(settings.REPO / "docs" / "offline-preset-card.md", tmp / "README.md")
-    if settings.SHIPPED.exists():
-        shutil.rmtree(settings.SHIPPED)
-    os.replace(tmp, settings.SHIPPED)
+    replace_dir(tmp, settings.SHIPPED)
     size = sum(f.stat().st_size for f in settings.SHIPPED.rglob("*") if f.is_file())
     print(f"packaged {settings.SHIPPED} ({size / 2**20:.1f} MiB)")
 
