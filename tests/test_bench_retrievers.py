@@ -60,6 +60,7 @@ def test_recall_counts_ties_with_the_kth_exact_score_as_hits(bench):
     assert truth.recall(np.array([[-1, -1, -1]])) == (0.0, 0.0)
 
 
+@pytest.mark.slow  # a published-size model or a subprocess: seconds
 def test_audiocaps_embeddings_are_computed_once_and_cached(bench, tmp_path):
     root = tmp_path / "audiocaps"
     root.mkdir()

@@ -127,6 +127,7 @@ def vggish_ckpt(tmp_path_factory):
     return path, state
 
 
+@pytest.mark.slow  # a published-size model or a subprocess: seconds
 def test_vggish_loads_published_layout_and_matches_reference_forward(vggish_ckpt):
     from reaudio_plugins.vggish import examples, mel_matrix
     path, state = vggish_ckpt
@@ -214,6 +215,7 @@ def reference_cnn14(s, wav):
     return emb, F.linear(emb, s["fc_audioset.weight"], s["fc_audioset.bias"])
 
 
+@pytest.mark.slow  # a published-size model or a subprocess: seconds
 def test_panns_loads_published_layout_and_matches_reference_forward(tmp_path):
     state = panns_state()
     torch.save({"model": state, "iteration": 0}, tmp_path / "Cnn14_16k_mAP=0.438.pth")

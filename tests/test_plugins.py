@@ -57,6 +57,7 @@ def test_third_party_encoder_is_usable_by_name_from_yaml(hashtext_site, tmp_path
     assert hits[0]["caption"] == "heavy rain on a roof"
 
 
+@pytest.mark.slow  # a published-size model or a subprocess: seconds
 def test_plugin_env_var_restricts_loading():
     out = json.loads(run_cli("plugins", "--json", env_extra={"REAUDIO_PLUGINS": "minilm,torch-retriever"}).stdout)
     assert sorted(p["name"] for p in out["plugins"]) == ["minilm", "torch-retriever"]
