@@ -342,6 +342,31 @@ def cmd_bench(args) -> int:
     return 0
 
 
+THREADS_ENV = "REAUDIO_THREADS"
+
+
+def _threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, metavar="N",
+                   help=f"torch CPU threads (default: ${THREADS_ENV}, else every core; benchmarks/results/threads.md)")
+
+
+def _set_threads(flag: int | None) -> None:
+    """``--threads N``, else ``$REAUDIO_THREADS``, else torch's default (every core, or ``OMP_NUM_THREADS``).
+    Every core is the right default because reaudio sets ``OMP_WAIT_POLICY=PASSIVE`` (reaudio_core/__init__.py):
+    with it, two threads beside two busy processes stay faster than one (benchmarks/results/threads.md)."""
+    value = flag if flag is not None else os.environ.get(THREADS_ENV)
+    if value is None:
+        return
+    try:
+        n = int(value)
+    except ValueError:
+        raise ReaudioError(f"{THREADS_ENV}={value!r} is not a whole number of threads") from None
+    if n < 1:
+        raise ReaudioError(f"threads must be >= 1, got {n}")
+    import torch
+    torch.set_num_threads(n)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reaudio", description=__doc__)
     parser.add_argument("--traceback", action="store_true", help="show full tracebacks for errors")
@@ -359,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="build or extend a retrieval database")
     isub = p.add_subparsers(dest="index_command", required=True)
     b = isub.add_parser("build", help="embed a manifest and write a database directory")
+    _threads_arg(b)
     b.add_argument("--manifest", action="append", required=True, metavar="CSV",
                    help="CSV with audio path (relative to the CSV), caption, optional label; repeatable")
     b.add_argument("--out", required=True, metavar="DIR")
@@ -391,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_manifest)
 
     p = sub.add_parser("generate", help="text -> audio (WAV at 16 kHz)")
+    _threads_arg(p)
     p.add_argument("items", nargs="*", metavar="PROMPT|key=value",
                    help="one or more prompts, then optional key=value overrides (a word like a=b is an override: "
                         "give such a prompt with --prompt, or after `--`, where every word is a prompt)")
@@ -411,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train the VAE, the retrieval LDM or the vocoder (torchrun for several processes)")
+    _threads_arg(p)
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="YAML file with a training section (repeatable; e.g. configs/offline-ldm.yaml)")
     p.add_argument("--preset", default=None, help="named preset to start from (default: none)")
@@ -467,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_longtail)
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
-    p.add_argument("which", choices=["retrievers", "generation", "training", "checks"])
+    p.add_argument("which", choices=["retrievers", "generation", "training", "checks", "threads"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser
@@ -527,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, target, list(getattr(args, target) or []) + extra)
     import warnings
     try:
+        _set_threads(getattr(args, "threads", None))
         with warnings.catch_warnings(), _library_messages():  # a warning is one line too: "reaudio: warning: ..."
             warnings.showwarning = _one_line_warning
             return args.func(args) or 0
