@@ -8,8 +8,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .hookspecs import hookimpl  # noqa: E402
-from .interfaces import (AudioEncoder,  # noqa: E402 Conditioning, Decoder, Denoiser, Retriever, SAMPLE_RATE, TextEncoder,
-                         Vocoder)
+from .interfaces import (AudioEncoder, Conditioning, Decoder, Denoiser, Retriever,  # noqa: E402
+                         SAMPLE_RATE, TextEncoder, Vocoder)
 from .pretrained import Pretrained  # noqa: E402
 from .registry import ReaudioError, create, get_registry  # noqa: E402
 
