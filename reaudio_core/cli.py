@@ -347,15 +347,30 @@ THREADS_ENV = "REAUDIO_THREADS"
 
 def _threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, metavar="N",
-                   help=f"torch CPU threads (default: ${THREADS_ENV}, else every core; benchmarks/results/threads.md)")
+                   help=f"torch CPU threads (default: ${THREADS_ENV}, else the cores the load average leaves free; "
+                        "benchmarks/results/threads.md)")
+
+
+def default_threads() -> int:
+    """The cores the load average leaves free, at least 1. On 2 idle cores two threads are fastest; beside two
+    busy processes two threads with OMP_WAIT_POLICY=ACTIVE were 2.4x slower than one (benchmarks/results/threads.md;
+    OpenMP's own default policy, which reaudio leaves alone, was not measured separately)."""
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
 
 
 def _set_threads(flag: int | None) -> None:
-    """``--threads N``, else ``$REAUDIO_THREADS``, else torch's default (every core, or ``OMP_NUM_THREADS``).
-    Every core is the right default because reaudio sets ``OMP_WAIT_POLICY=PASSIVE`` (reaudio_core/__init__.py):
-    with it, two threads beside two busy processes stay faster than one (benchmarks/results/threads.md)."""
+    """``--threads N``, else ``$REAUDIO_THREADS``, else (unless ``OMP_NUM_THREADS`` chose) :func:`default_threads`."""
     value = flag if flag is not None else os.environ.get(THREADS_ENV)
+    if value is None and os.environ.get("OMP_NUM_THREADS"):
+        return  # the user chose through OpenMP's own variable: torch already follows it
     if value is None:
+        import torch
+        torch.set_num_threads(default_threads())
         return
     try:
         n = int(value)
