@@ -347,30 +347,36 @@ THREADS_ENV = "REAUDIO_THREADS"
 
 def _threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, metavar="N",
-                   help=f"torch CPU threads (default: ${THREADS_ENV}, else the cores the load average leaves free; "
+                   help=f"torch CPU threads (default: ${THREADS_ENV}, else torch's: every core; a busy machine gets a note; "
                         "benchmarks/results/threads.md)")
 
 
-def default_threads() -> int:
-    """The cores the load average leaves free, at least 1. On 2 idle cores two threads are fastest; beside two
-    busy processes two threads with OMP_WAIT_POLICY=ACTIVE were 2.4x slower than one (benchmarks/results/threads.md;
-    OpenMP's own default policy, which reaudio leaves alone, was not measured separately)."""
-    cores = os.cpu_count() or 1
+def _busy_note() -> str | None:
+    """A note when the load average leaves fewer free cores than torch will use: beside two busy processes,
+    two threads took 12.2 s per offline generation and one thread 5.2 s (OMP_WAIT_POLICY=ACTIVE;
+    benchmarks/results/threads.md). Not switched automatically: the thread count changes the last bits of
+    the output, and the same command with the same seed must give the same file."""
+    import torch
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
     try:
-        busy = os.getloadavg()[0]
+        load = os.getloadavg()[0]
     except OSError:
-        busy = 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
+        return None
+    free = max(1, int(cores - load + 0.5))
+    if threads <= free:
+        return None
+    return (f"the machine is busy (load average {load:.1f} on {cores} cores) and torch uses {threads} threads: "
+            f"--threads {free} (or {THREADS_ENV}={free}) may be several times faster")
 
 
-def _set_threads(flag: int | None) -> None:
-    """``--threads N``, else ``$REAUDIO_THREADS``, else (unless ``OMP_NUM_THREADS`` chose) :func:`default_threads`."""
+def _set_threads(flag: int | None, computes: bool = False) -> None:
+    """``--threads N``, else ``$REAUDIO_THREADS``, else torch's default (every core, or ``OMP_NUM_THREADS``),
+    with a note from :func:`_busy_note` for a command that computes."""
     value = flag if flag is not None else os.environ.get(THREADS_ENV)
-    if value is None and os.environ.get("OMP_NUM_THREADS"):
-        return  # the user chose through OpenMP's own variable: torch already follows it
     if value is None:
-        import torch
-        torch.set_num_threads(default_threads())
+        note = _busy_note() if computes and not os.environ.get("OMP_NUM_THREADS") else None
+        if note:
+            print(f"reaudio: note: {note}", file=sys.stderr)
         return
     try:
         n = int(value)
@@ -570,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, target, list(getattr(args, target) or []) + extra)
     import warnings
     try:
-        _set_threads(getattr(args, "threads", None))
+        _set_threads(getattr(args, "threads", None), computes=hasattr(args, "threads"))
         with warnings.catch_warnings(), _library_messages():  # a warning is one line too: "reaudio: warning: ..."
             warnings.showwarning = _one_line_warning
             return args.func(args) or 0

@@ -16,24 +16,32 @@ def threads_set(monkeypatch):
     return seen
 
 
-def test_flag_then_variable_then_the_free_cores(threads_set, monkeypatch):
+def test_flag_then_variable_then_torchs_default(threads_set, monkeypatch):
     cli._set_threads(3)
     monkeypatch.setenv("REAUDIO_THREADS", "2")
     cli._set_threads(None)
     cli._set_threads(1)  # the flag wins over the variable
     monkeypatch.delenv("REAUDIO_THREADS")
+    cli._set_threads(None, computes=True)  # neither: torch's default stays (the output's bits depend on it)
+    assert threads_set == [3, 2, 1]
+
+
+def test_a_busy_machine_gets_a_note_naming_the_flag(threads_set, monkeypatch, capsys):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (1.8, 0, 0))  # another job holds about two cores
-    cli._set_threads(None)
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0, 0))  # idle
-    cli._set_threads(None)
-    assert threads_set == [3, 2, 1, 1, 2]
+    cli._set_threads(None, computes=True)
+    assert "--threads 1 (or REAUDIO_THREADS=1)" in capsys.readouterr().err
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0, 0))  # idle: nothing to say
+    cli._set_threads(None, computes=True)
+    assert capsys.readouterr().err == "" and threads_set == []
 
 
-def test_omp_num_threads_is_left_to_torch(threads_set, monkeypatch):
+def test_omp_num_threads_is_left_to_torch(threads_set, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cli._set_threads(None)
-    assert threads_set == []
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0, 0))
+    cli._set_threads(None, computes=True)
+    assert threads_set == [] and capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("value", ["abc", "0"])
