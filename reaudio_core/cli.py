@@ -362,9 +362,9 @@ def _busy_note() -> str | None:
         load = os.getloadavg()[0]
     except OSError:
         return None
-    free = max(1, int(cores - load + 0.5))
-    if threads <= free:
+    if threads <= 1 or load < cores:  # the 1-minute average lags: only a machine whose every core is taken
         return None
+    free = max(1, int(cores - load + 0.5))
     return (f"the machine is busy (load average {load:.1f} on {cores} cores) and torch uses {threads} threads: "
             f"--threads {free} (or {THREADS_ENV}={free}) may be several times faster")
 
