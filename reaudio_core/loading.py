@@ -13,6 +13,7 @@ import copy
 from pathlib import Path
 
 from .config import CONFIG_FILE, RECORD_KEY, SLOTS, build, compose, load_config
+from .pretrained import component_params
 from .registry import ReaudioError, get_registry
 
 #: component parameters that name weights to load (the first one a component has is its weights key)
@@ -145,8 +146,7 @@ def _load_slot(cfg: dict, slot: str, folder: Path, folder_ref: str, base: dict |
 def _sync(cfg: dict, slot: str, component, asked: dict, source) -> None:
     """Refuse a change ``asked`` (path -> value) that the loaded component does not report back; record the
     parameters it took from its weights (top-level values the configuration states otherwise)."""
-    from .training.components import _params_of
-    reported = _params_of(component) if source is not None else None
+    reported = component_params(component) if source is not None else None
     if not reported:
         return
     missing = object()

@@ -57,6 +57,17 @@ def write_safetensors(path: str | Path, state_dict: dict) -> None:
 
 
 # -- the mixin ----------------------------------------------------------------------------------------
+def component_params(component) -> dict | None:
+    """Constructor keywords a loaded component reports (its ``config()`` or ``params``): what training exports
+    and what loading checks an applied override against; None when it reports none."""
+    for attr in ("config", "params"):
+        value = getattr(component, attr, None)
+        value = value() if callable(value) else value
+        if isinstance(value, dict):
+            return dict(value)
+    return None
+
+
 class Pretrained:
     """Mixin that saves a component to a folder and rebuilds it from one (see the module docstring).
 

@@ -29,16 +29,6 @@ def load_or_build(cfg: dict, slot: str):
     return build(cfg, slot) if cfg.get(slot) is not None else None
 
 
-def _params_of(component) -> dict | None:
-    """Constructor keywords of a loaded component (its ``config()`` or ``params``), for the exported config."""
-    for attr in ("config", "params"):
-        value = getattr(component, attr, None)
-        value = value() if callable(value) else value
-        if isinstance(value, dict):
-            return dict(value)
-    return None
-
-
 def component_fingerprint(component) -> str:
     """SHA-1 over the weights of every torch module a component holds (its attributes, one level deep),
     plus its class name: identifies cached features computed by these exact weights."""

@@ -10,9 +10,9 @@ import torch
 
 from .. import distributed
 from ..config import SLOTS, save_config
-from ..pretrained import Pretrained
+from ..pretrained import Pretrained, component_params
 from ..registry import ReaudioError, get_registry
-from .components import _params_of, load_or_build
+from .components import load_or_build
 from .data import Clip, ClipDataset, read_manifest_clips, scan_clips
 from .objectives import VaeObjective, VocoderObjective
 
@@ -61,7 +61,7 @@ class Stage:
         cfg = copy.deepcopy(self.cfg)
         for slot in self.export_slots:
             comp = getattr(self, slot, None)
-            params = _params_of(comp) if comp is not None else None
+            params = component_params(comp) if comp is not None else None
             if params is not None and cfg.get(slot):
                 known = set(get_registry().spec(SLOTS[slot], cfg[slot]["name"]).parameters())
                 cfg[slot]["params"] = {**cfg[slot]["params"], **{k: v for k, v in params.items() if k in known}}
