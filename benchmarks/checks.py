@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 from reaudio_core import checks  # noqa: E402
 from reaudio_core.config import compose  # noqa: E402
+from reaudio_core.io import atomic_write_text  # noqa: E402
 from reaudio_core.pipeline import ReAudioPipeline  # noqa: E402
 
 PROMPT = "a dog barks"
@@ -147,9 +148,7 @@ def main(argv=None) -> int:
     ]
     text = "\n".join(lines)
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "checks.md").write_text(text, encoding="utf-8")
+    atomic_write_text(Path(args.out) / "checks.md", text)  # creates the folder
     return 0
 
 

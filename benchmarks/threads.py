@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from reaudio_core.io import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = """
@@ -73,9 +75,7 @@ def main(argv=None) -> int:
     lines += [f"| {m} | {p} | {t} | {med:.2f} | {mx:.2f} |" for m, p, t, med, mx in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "threads.md").write_text(text, encoding="utf-8")
+    atomic_write_text(Path(args.out) / "threads.md", text)  # creates the folder
     return 0
 
 
