@@ -237,6 +237,8 @@ def _arch_from_diffusers_config(cfg: dict, folder: Path) -> tuple[dict, list[int
     heads = [int(heads)] * levels if isinstance(heads, int) else [int(h) for h in heads]
     arch = {"block_out_channels": chans, "layers_per_block": int(cfg["layers_per_block"]),
             "prompt_dim": int(cfg["projection_class_embeddings_input_dim"]), "in_channels": int(cfg["in_channels"])}
+    if cfg.get("time_cond_proj_dim"):  # a guidance-distilled UNet (unet_ldm.guidance_features)
+        arch["guidance_embedding"] = int(cfg["time_cond_proj_dim"])
     return arch, streams, heads
 
 
@@ -268,7 +270,7 @@ def read_unet_checkpoint(path: str | Path) -> UnetSource:
         if (path / CONFIG_FILE).exists() and (path / WEIGHTS_FILE).exists():
             cfg = read_json(path / CONFIG_FILE)
             arch = {k: cfg[k] for k in ("block_out_channels", "layers_per_block", "prompt_dim", "in_channels",
-                                        "freq_channels") if cfg.get(k) is not None}
+                                        "freq_channels", "guidance_embedding") if cfg.get(k) is not None}
             streams = [int(cfg[k]) for k in ("text_dim", "audio_dim") if cfg.get(k) is not None]
             return UnetSource(read_weights(path / WEIGHTS_FILE), arch, streams, head_width=cfg.get("head_width"),
                               num_heads=cfg.get("num_heads"))

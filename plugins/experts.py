@@ -6,7 +6,8 @@ any registered denoiser (``{name, params}``, ``unet-ldm`` by default); both must
 and conditions (in_channels, downsample, prompt/text/audio widths). The usual way to get a pair: train
 one model on all timesteps, then continue a copy of it on ``training.timesteps: [0, boundary]``
 (configs/offline-ldm-v-low.yaml; docs/training.md). Each batch row goes to the expert of its own
-timestep, so mixed batches work (training never sees this class: train the experts separately).
+timestep, so mixed batches work. ``reaudio train`` trains one expert at a time (name it in the config);
+``reaudio distill`` trains both at once (:attr:`ExpertDenoisers.model` holds the two torch modules).
 
 Weights (``checkpoint``, or :meth:`ExpertDenoisers.from_pretrained`): a directory written by
 :meth:`ExpertDenoisers.save_pretrained` -- ``config.json`` (``boundary`` and the two experts' names) and
@@ -80,6 +81,13 @@ class ExpertDenoisers(Pretrained, Denoiser):
                 f"{w} (high {getattr(self.high, w)}, low {getattr(self.low, w)})" for w in differ))
         for w in WIDTHS:
             setattr(self, w, getattr(self.high, w))
+        if self.high.guidance_input != self.low.guidance_input:
+            raise ReaudioError("experts: both experts or neither must take the guidance scale as an input "
+                               f"(guidance_input: high {self.high.guidance_input}, low {self.low.guidance_input})")
+        self.guidance_input = self.high.guidance_input
+        parts = {"high": getattr(self.high, "model", None), "low": getattr(self.low, "model", None)}
+        if all(isinstance(m, torch.nn.Module) for m in parts.values()):  # both trainable at once (distillation)
+            self.model = torch.nn.ModuleDict(parts)
         self.loaded_from = None if checkpoint is None else str(checkpoint)
 
     def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:

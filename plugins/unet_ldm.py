@@ -27,6 +27,12 @@ in/out channels 8 (the VAE latents).
   ``conv_in``, so every position knows its frequency row. Weights without them load into a model with
   them with zero ``conv_in`` weights for the maps (the same output until trained). Not part of the
   paper; an option of this package (docs/results.md, section 1, says what it changed).
+* Guidance input (``guidance_embedding``, default 0 = none): a guidance-distilled student
+  (``reaudio distill``; Meng et al. 2023, "On Distillation of Guided Diffusion Models") reads the
+  classifier-free guidance scale ``Conditioning.guidance [B]``: a sinusoidal embedding of it
+  (:func:`guidance_features`, this many features) goes through diffusers' ``time_cond_proj_dim`` projection
+  and is added to the timestep features. Weights without it load with a zero projection (the teacher's
+  conditional output until trained).
 
 Head convention (by default the original code's): every attention layer of a level with ``c`` channels has
 ``c // head_width`` heads of width ``head_width`` (32 for S and M, 64 for L, 16 for ``tiny``). For S
@@ -81,7 +87,7 @@ CHANNEL_MULT = (1, 2, 3, 5)
 #: size -> (model_channels, layers_per_block, head_width)
 SIZES = {"tiny": (32, 1, 16), "s": (128, 2, 32), "m": (192, 2, 32), "l": (256, 2, 64)}
 PARAMS = ("size", "block_out_channels", "layers_per_block", "head_width", "num_heads", "prompt_dim", "text_dim",
-          "audio_dim", "in_channels", "freq_channels", "checkpoint", "device")
+          "audio_dim", "in_channels", "freq_channels", "guidance_embedding", "checkpoint", "device")
 
 
 def default_head_width(model_channels: int) -> int:
@@ -98,7 +104,7 @@ def attention_heads(block_out_channels, head_width: int) -> list[int]:
 
 
 def diffusers_unet_config(*, block_out_channels, layers_per_block, head_width, prompt_dim, in_channels,
-                          freq_channels=0, stream_dims=(), num_heads=None) -> tuple[str, dict]:
+                          freq_channels=0, guidance_embedding=0, stream_dims=(), num_heads=None) -> tuple[str, dict]:
     """``(class name, constructor kwargs)`` of the diffusers UNet for these sizes; ``stream_dims`` are the
     widths of the retrieval streams in order (empty = AudioLDM's no-retrieval UNet); ``freq_channels``
     position maps are read beside the ``in_channels`` latent channels (:func:`frequency_maps`); ``num_heads``
@@ -113,10 +119,19 @@ def diffusers_unet_config(*, block_out_channels, layers_per_block, head_width, p
         attention_head_dim=attention_heads(chans, head_width) if num_heads is None else [int(h) for h in num_heads],
         use_linear_projection=False,
         class_embed_type="simple_projection", projection_class_embeddings_input_dim=int(prompt_dim),
-        class_embeddings_concat=True)
+        class_embeddings_concat=True, time_cond_proj_dim=int(guidance_embedding) or None)
     if not stream_dims:
         return BASELINE_CLASS, {**common, "cross_attention_dim": chans}
     return RETRIEVAL_CLASS, {**common, "cross_attention_dim": [[None, *map(int, stream_dims)] for _ in chans]}
+
+
+def guidance_features(scale: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, n]`` sinusoidal features of guidance scales ``[B]`` (scaled by 100 so that the usual 1-10 spread
+    over the frequencies as timesteps do): ``sin`` then ``cos`` of ``100 * scale * 10000^(-j / (n/2))``."""
+    half = n // 2
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(half, dtype=torch.float32) / half)
+    args = 100.0 * scale.float()[:, None] * freqs.to(scale.device)[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], 1)
 
 
 def frequency_maps(n: int, T: int, F: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -151,19 +166,21 @@ class UNetLDM(Pretrained, Denoiser):
     """
 
     def __init__(self, *, size, block_out_channels, layers_per_block, head_width, num_heads, prompt_dim, text_dim,
-                 audio_dim, in_channels, freq_channels, checkpoint, device):
+                 audio_dim, in_channels, freq_channels, guidance_embedding, checkpoint, device):
         if size not in SIZES:
             raise ReaudioError(f"unet-ldm: unknown size {size!r}; known: {', '.join(SIZES)}")
         base, size_layers, size_width = SIZES[size]
         arch = {"block_out_channels": [base * m for m in CHANNEL_MULT] if block_out_channels is None
                 else list(block_out_channels),
                 "layers_per_block": size_layers if layers_per_block is None else layers_per_block,
-                "prompt_dim": prompt_dim, "in_channels": in_channels, "freq_channels": freq_channels}
+                "prompt_dim": prompt_dim, "in_channels": in_channels, "freq_channels": freq_channels,
+                "guidance_embedding": guidance_embedding}
         streams = [d for d in (text_dim, audio_dim) if d is not None]
         source = read_unet_checkpoint(checkpoint) if checkpoint else None
         if source is not None:
-            if not source.arch.get("freq_channels"):  # weights without frequency maps fit a model with them
-                source.arch.pop("freq_channels", None)
+            for key in ("freq_channels", "guidance_embedding"):  # weights without them fit a model with them
+                if not source.arch.get(key):
+                    source.arch.pop(key, None)
             changed = {k: v for k, v in source.arch.items() if arch.get(k) != v}
             if changed:
                 log.info("unet-ldm: sizes taken from %s: %s", checkpoint, changed)
@@ -184,7 +201,7 @@ class UNetLDM(Pretrained, Denoiser):
         arch = {"block_out_channels": [int(c) for c in arch["block_out_channels"]],
                 "layers_per_block": int(arch["layers_per_block"]), "head_width": int(arch["head_width"]),
                 "prompt_dim": int(arch["prompt_dim"]), "in_channels": int(arch["in_channels"]),
-                "freq_channels": int(arch["freq_channels"])}
+                "freq_channels": int(arch["freq_channels"]), "guidance_embedding": int(arch["guidance_embedding"])}
         self.num_heads = self._heads_per_level(num_heads, arch["block_out_channels"])
         if source is not None and source.heads is not None and self.num_heads is None:
             mine = attention_heads(arch["block_out_channels"], arch["head_width"])
@@ -200,6 +217,7 @@ class UNetLDM(Pretrained, Denoiser):
         self.prompt_dim = arch["prompt_dim"]
         self.in_channels = arch["in_channels"]
         self.freq_channels = arch["freq_channels"]
+        self.guidance_input = arch["guidance_embedding"] > 0
         self.downsample = 2 ** (len(arch["block_out_channels"]) - 1)
         self.size = size
         self.model = build_unet(**arch, stream_dims=[d for d in (self.text_dim, self.audio_dim) if d is not None],
@@ -257,6 +275,10 @@ class UNetLDM(Pretrained, Denoiser):
         v = arch["freq_channels"]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ReaudioError(f"unet-ldm: freq_channels must be an integer >= 0, got {v!r}")
+        v = arch["guidance_embedding"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v % 2:
+            raise ReaudioError(f"unet-ldm: guidance_embedding must be an even integer >= 0 (0 = no guidance input), "
+                               f"got {v!r}")
         bad = [c for c in chans[1:] if c % arch["head_width"]]
         if bad:
             raise ReaudioError(f"unet-ldm: attention widths {bad} are not multiples of head_width={arch['head_width']}")
@@ -283,6 +305,11 @@ class UNetLDM(Pretrained, Denoiser):
                      "model computes AudioLDM's output until trained; retrieval_parameters() lists them)", checkpoint,
                      len(self.retrieval_modules()), new, n_streams)
         state = self._inflate_freq_channels(state, checkpoint)
+        cond_proj = self.model.time_embedding.cond_proj
+        if cond_proj is not None and "time_embedding.cond_proj.weight" not in state:
+            log.info("unet-ldm: %s has no guidance input; its projection starts at zero (the checkpoint's "
+                     "conditional output until trained)", checkpoint)
+            state = {**state, "time_embedding.cond_proj.weight": torch.zeros_like(cond_proj.weight)}
         load_strict(self.model, state, f"unet weights {checkpoint}", hint=hint)
 
     def _inflate_freq_channels(self, state: dict, checkpoint) -> dict:
@@ -370,6 +397,13 @@ class UNetLDM(Pretrained, Denoiser):
             suffix = "" if i == 0 else "_1"
             kwargs[f"encoder_hidden_states{suffix}"] = states
             kwargs[f"encoder_attention_mask{suffix}"] = mask
+        if self.guidance_input:
+            w = cond.guidance
+            if not torch.is_tensor(w) or w.shape != (B,):
+                raise ReaudioError(f"unet-ldm: this denoiser is guidance-distilled: Conditioning.guidance must be the "
+                                   f"[B={B}] guidance scales, got "
+                                   f"{tuple(w.shape) if torch.is_tensor(w) else type(w).__name__}")
+            kwargs["timestep_cond"] = guidance_features(w.to(self.device), self.arch["guidance_embedding"])
         x = latents.to(self.device, torch.float32)
         if self.freq_channels:
             maps = frequency_maps(self.freq_channels, T, F, device=self.device)
@@ -383,7 +417,8 @@ class UNetLDM(Pretrained, Denoiser):
         """Constructor keywords that rebuild this component (weights apart)."""
         return {"size": self.size, **{k: self.arch[k] for k in ("block_out_channels", "layers_per_block",
                                                                 "head_width", "prompt_dim", "in_channels",
-                                                                "freq_channels")}, "num_heads": self.num_heads,
+                                                                "freq_channels", "guidance_embedding")},
+                "num_heads": self.num_heads,
                 "text_dim": self.text_dim, "audio_dim": self.audio_dim, "checkpoint": None, "device": "cpu"}
 
     # save_pretrained (Pretrained): config.json (constructor keywords) + model.safetensors (the diffusers UNet's)

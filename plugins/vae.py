@@ -123,8 +123,9 @@ def _diffusers_folder(path: Path) -> Path | None:
 
 def read_vae_checkpoint(path: str | Path) -> tuple[dict, float | None, dict | None]:
     """Read any supported VAE weight source -> ``(diffusers state dict, stored scale factor or None,
-    architecture from the source's config or None)``."""
-    path = Path(path)
+    architecture from the source's config or None)``. ``pkg:PACKAGE/PATH`` names a folder shipped in a package."""
+    from reaudio_core.loading import resolve_path
+    path = resolve_path(path)
     if not path.exists():
         raise ReaudioError(f"vae checkpoint not found: {path}")
     if path.is_dir():

@@ -274,6 +274,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from .training import distill_config, train
+    check_writable(args.out, "--out", folder=True)
+    result = train(distill_config(args.teacher, args.config, args.overrides), out=args.out, resume=args.resume,
+                   progress=not args.quiet)
+    if result is not None:  # rank 0
+        print(result.summary())
+    return 0
+
+
 # -- export -----------------------------------------------------------------------------
 def cmd_export(args) -> int:
     from .diffusers_folder import export
@@ -468,6 +478,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="a few-step, guidance-distilled student of a saved pipeline (docs/training.md)")
+    _threads_arg(p)
+    p.add_argument("--teacher", required=True, metavar="MODEL", help="saved pipeline to distil (OUT/final, a --model DIR)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (checkpoints/, log.jsonl, final/)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML with training settings (repeatable)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. training.distill_steps=8 training.max_steps=2000")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("export", help="write a saved pipeline as a diffusers AudioLDMPipeline folder")
     p.add_argument("--format", required=True, choices=["diffusers"], help="diffusers: an AudioLDMPipeline folder "

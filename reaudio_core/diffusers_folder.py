@@ -222,6 +222,9 @@ def export_problems(cfg: dict, denoiser_cfg: dict | None = None) -> list[str]:
         if params.get("freq_channels"):
             out.append(f"the denoiser reads {params['freq_channels']} frequency maps beside the latents "
                        "(freq_channels); AudioLDMPipeline feeds the latents alone")
+        if params.get("guidance_embedding"):
+            out.append("the denoiser is guidance-distilled (guidance_embedding); AudioLDMPipeline does not pass the "
+                       "guidance scale to the UNet")
     return out
 
 

@@ -146,6 +146,8 @@ class Conditioning:
     ``prompt``: ``[B, d_prompt]`` pooled prompt embedding (the "FiLM" class condition).
     ``captions`` / ``caption_mask``: ``[B, Lt, d_text]`` / ``[B, Lt]`` retrieved-caption states.
     ``audio`` / ``audio_mask``: ``[B, La, d_audio]`` / ``[B, La]`` retrieved-audio tokens.
+    ``guidance``: ``[B]`` float32 classifier-free guidance scale, read only by a denoiser with
+    :attr:`Denoiser.guidance_input` (a guidance-distilled student); ``None`` otherwise.
     Streams a model was not built with are ``None``.
     """
 
@@ -154,6 +156,7 @@ class Conditioning:
     caption_mask: torch.Tensor | None = None
     audio: torch.Tensor | None = None
     audio_mask: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
 
     def _map(self, fn, other: "Conditioning | None" = None) -> "Conditioning":
         """``fn`` applied to every field that is not ``None`` (with ``other``'s same field as a second argument)."""
@@ -187,13 +190,17 @@ class Denoiser(ABC):
     prompt_dim: int  #: width of ``Conditioning.prompt``
     text_dim: int | None  #: width of ``Conditioning.captions``; None = no caption stream
     audio_dim: int | None  #: width of ``Conditioning.audio``; None = no audio stream
+    #: True: a guidance-distilled student (``reaudio distill``): it reads ``cond.guidance`` ``[B]`` and returns the
+    #: guided prediction in one call (no unconditional half); ``cond.guidance`` ``None`` raises ``ReaudioError``.
+    #: False: ``cond.guidance`` is ignored and the sampler guides with a batched unconditional half.
+    guidance_input: bool = False
 
     @abstractmethod
     def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """``latents [B, C, T, F]``, ``timesteps [B]`` int64 in [0, 1000) -> epsilon (or v) ``[B, C, T, F]``
-        float32, finite, depending on the timesteps and ``cond.prompt``. A batch doubled with
-        :meth:`Conditioning.cat` (batched guidance) gives the same rows. ``T`` or ``F`` not a multiple
-        of :attr:`downsample` raises ``ReaudioError``."""
+        float32, finite, depending on the timesteps and ``cond.prompt`` (and ``cond.guidance`` when
+        :attr:`guidance_input`). A batch doubled with :meth:`Conditioning.cat` (batched guidance) gives the
+        same rows. ``T`` or ``F`` not a multiple of :attr:`downsample` raises ``ReaudioError``."""
 
 
 class Decoder(ABC):

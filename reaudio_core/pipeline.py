@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import unicodedata
 import warnings
@@ -74,15 +75,22 @@ def noise_schedule(cfg: dict) -> dict:
                 beta_end=d["beta_end"], beta_schedule=d["beta_schedule"], prediction_type=prediction_type(cfg))
 
 
+SAMPLERS = ("ddim", "dpm-solver", "ddim-trailing")
+
+
 def make_scheduler(cfg: dict, sampler: str):
-    """A diffusers sampling scheduler (``ddim`` or ``dpm-solver``) on :func:`noise_schedule`."""
+    """A diffusers sampling scheduler on :func:`noise_schedule`: ``ddim`` (eta from ``generation.eta``),
+    ``dpm-solver`` (DPM-Solver++ 2M), or ``ddim-trailing``: deterministic DDIM on the trailing grid (4 steps:
+    999, 749, 499, 249, then to alpha 1), the grid a ``reaudio distill`` student is trained on."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
     common = noise_schedule(cfg)
     if sampler == "ddim":
         return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     if sampler == "dpm-solver":
         return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
-    raise ReaudioError(f"unknown sampler '{sampler}'; use ddim or dpm-solver")
+    if sampler == "ddim-trailing":
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    raise ReaudioError(f"unknown sampler '{sampler}'; use one of {', '.join(SAMPLERS)}")
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -399,15 +407,20 @@ class ReAudioPipeline:
     def sample(self, cond: Conditioning, uncond: Conditioning, shape, generators: list[torch.Generator],
                steps: int, guidance: float, sampler: str, eta: float, progress: bool = True,
                guidance_rescale: float = 0.0) -> torch.Tensor:
-        """Classifier-free guidance, both halves in one batched denoiser call. ``guidance_rescale`` (0..1)
+        """Classifier-free guidance, both halves in one batched denoiser call; a guidance-distilled denoiser
+        (:attr:`~reaudio_core.interfaces.Denoiser.guidance_input`) takes the scale and makes one call of the
+        conditional batch instead (``guidance_rescale`` does not apply to it). ``guidance_rescale`` (0..1)
         blends the guided prediction with itself rescaled to the conditional prediction's standard deviation
         per sample (Lin et al. 2023, "Common diffusion noise schedules and sample steps are flawed", sec. 3.4;
         diffusers' ``rescale_noise_cfg``): 0 is plain guidance."""
         scheduler = make_scheduler(self.cfg, sampler)
         scheduler.set_timesteps(steps)
         latents = torch.stack([torch.randn(shape, generator=g) for g in generators]) * scheduler.init_noise_sigma
-        guided = guidance != 1.0
+        one_call = bool(getattr(self.denoiser, "guidance_input", False))  # a distilled student guides itself
+        guided = guidance != 1.0 and not one_call
         both = uncond.cat(cond) if guided else cond
+        if one_call:
+            both = dataclasses.replace(cond, guidance=torch.full((len(latents),), float(guidance)))
         extra = {"eta": eta} if sampler == "ddim" else {}
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg["generation"]["precision"] == "bf16"
                     else contextlib.nullcontext())

@@ -65,7 +65,22 @@ def test_mismatched_experts_and_bad_boundaries_are_refused():
         create("denoiser", "experts", high={"name": "experts"}, low={"name": "unet-ldm", "params": UNET})
 
 
-def test_training_the_pair_is_refused_with_a_pointer_to_training_one_expert():
+def test_the_pair_trains_as_one_module_each_expert_on_its_own_timesteps():
+    """`reaudio distill` trains both experts at once: their torch modules are one ModuleDict, and a row's loss
+    reaches only the expert of its timestep."""
     from reaudio_core.training import torch_module
-    with pytest.raises(ReaudioError, match="one part at a time"):
-        torch_module(pair(), "denoiser")
+    d = pair()
+    module = torch_module(d, "denoiser")
+    assert set(module) == {"high", "low"} and module["high"] is d.high.model and module["low"] is d.low.model
+    from types import SimpleNamespace
+
+    from reaudio_core.training import Stage  # under DDP a part may get no gradient in a step: DDP is told so
+    assert Stage.routes_rows.fget(SimpleNamespace(denoiser=d))
+    assert not Stage.routes_rows.fget(SimpleNamespace(denoiser=d.high))
+    x, t, cond = batch([900, 950])  # both rows above the boundary
+    d(x, t, cond).square().mean().backward()
+    assert all(p.grad is None for p in d.low.model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.high.model.parameters())
+    with pytest.raises(ReaudioError, match="guidance scale as an input"):
+        create("denoiser", "experts", high={"name": "unet-ldm", "params": {**UNET, "guidance_embedding": 8}},
+               low={"name": "unet-ldm", "params": UNET})

@@ -23,7 +23,8 @@ too) for a resumed run to reproduce an uninterrupted one bit for bit on the same
 Modules, by job: :mod:`.checkpoint` (step seeds, RNG states, atomic checkpoints), :mod:`.data` (manifest
 clips, validity scan, crops, step batches, skip report), :mod:`.components` (the torch modules and weights
 of components), :mod:`.objectives` (the stages' losses, the VAE's discriminator), :mod:`.stages` (the vae
-and vocoder stages), :mod:`.ldm` (the ldm stage), :mod:`.trainer` (the loop, its log, :func:`train`).
+and vocoder stages), :mod:`.ldm` (the ldm stage), :mod:`.distill` (the distill stage: a few-step,
+guidance-distilled student of a saved pipeline; ``reaudio distill``), :mod:`.trainer` (the loop, its log, :func:`train`).
 This package re-exports their names: ``from reaudio_core.training import train`` and the like.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .checkpoint import (CHECKPOINT_DIR, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, 
 from .components import component_fingerprint, feature_info, load_or_build, move_component, torch_module
 from .data import (HOP, MEL_FPS, SKIP_REPORT, Clip, ClipDataset, ScanResult, StepBatches, collate, crop_waveform,
                    normalise_waveform, read_manifest_clips, scan_clips, waveform_to_mel, write_skip_report)
+from .distill import DistillObjective, DistillStage, distill_config, student_entry
 from .ldm import LdmStage, UnloadedTextEncoder, text_feature_key
 from .objectives import LdmObjective, MelDiscriminator, VaeObjective, VocoderObjective, timestep_range
 from .stages import Stage, VaeStage, VocoderStage
@@ -46,12 +48,12 @@ from .trainer import (FINAL_DIR, KILL_HOOK, LOG_FILE, NAN_HOOK, PRECISIONS, STAG
 __all__ = [
     "CHECKPOINT_DIR", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "FINAL_DIR", "GLOBAL_SLOT", "HOP", "KILL_HOOK",
     "LOG_FILE", "MEL_FPS", "NAN_HOOK", "PRECISIONS", "SKIP_REPORT", "STAGES", "STAGE_CLASSES", "TRAINABLE",
-    "Clip", "ClipDataset", "LdmObjective", "LdmStage", "MelDiscriminator", "NonFiniteLoss", "ReaudioError",
+    "Clip", "ClipDataset", "DistillObjective", "DistillStage", "LdmObjective", "LdmStage", "MelDiscriminator", "NonFiniteLoss", "ReaudioError",
     "RunLog", "ScanResult", "Stage", "StepBatches", "TrainResult", "Trainer", "UnloadedTextEncoder",
     "VaeObjective", "VaeStage", "VocoderObjective", "VocoderStage", "atomic_save", "atomic_write_text",
-    "autocast_context", "checkpoint_path", "collate", "component_fingerprint", "crop_waveform", "feature_info",
+    "autocast_context", "checkpoint_path", "collate", "component_fingerprint", "crop_waveform", "distill_config", "feature_info",
     "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_or_build", "lr_factor", "move_component",
     "normalise_waveform", "read_manifest_clips", "rng_state", "save_checkpoint", "scan_clips", "select_trainable",
-    "set_rng_state", "step_seed", "text_feature_key", "timestep_range", "torch_module", "train",
+    "set_rng_state", "step_seed", "student_entry", "text_feature_key", "timestep_range", "torch_module", "train",
     "waveform_to_mel", "write_skip_report",
 ]

@@ -78,7 +78,40 @@ class LdmStage(Stage):
         self.k = int(gen["k"])
         if self.k < 1:
             raise ReaudioError(f"generation.k must be >= 1, got {self.k}")
-        # components --------------------------------------------------------------------------
+        self.build_components(cfg)
+        self._check_wiring()
+        # data ------------------------------------------------------------------------------
+        excluded = set(self.t.get("exclude_labels") or [])
+        items = self.db.items
+        include = self.t.get("include_ids")
+        if include is not None:  # a training subset (e.g. a long-tailed one); the rest stays retrievable
+            bad = [i for i in include if not isinstance(i, int) or not 0 <= i < len(items)]
+            if bad:
+                raise ReaudioError(f"training.include_ids: {bad[:5]} are not item ids of {self.t['database']} "
+                                   f"(0..{len(items) - 1})")
+            include = set(include)
+        root = self.t.get("audio_root")  # relative item paths are read from here (the shipped database's are)
+        clips = [Clip(str(Path(root) / it["path"]) if root else it["path"], it.get("caption") or "",
+                      it.get("label") or None, i)
+                 for i, it in enumerate(items) if (it.get("label") or None) not in excluded
+                 and (include is None or i in include)]
+        if excluded and len(clips) == len(items):
+            log.warning(f"training.exclude_labels {sorted(excluded)} matched no database item")
+        self.dataset = self.make_dataset(clips, multiple=self.decoder.compression * self.denoiser.downsample)
+        self.dataset.want_mel = not self.t["cache_latents"]
+        for component in (self.decoder, self.audio_encoder):  # the caches below are computed on the training device
+            move_component(component, env.device)
+        self.features()
+        from diffusers import DDPMScheduler
+
+        from ..pipeline import noise_schedule  # the samplers' schedule too
+        self.scheduler = DDPMScheduler(**noise_schedule(cfg))
+        self.objective = self.make_objective()
+        if self.t["cache_latents"]:
+            self.cache_latents()
+
+    def build_components(self, cfg) -> None:
+        """The denoiser to train and the frozen components around it, each from its config entry."""
         self.denoiser = load_or_build(cfg, "denoiser")
         try:
             self.text_encoder = build(cfg, "text_encoder")
@@ -95,36 +128,11 @@ class LdmStage(Stage):
             self.caption_encoder = (self.text_encoder if cfg.get("caption_encoder") == cfg["text_encoder"]
                                     else load_or_build(cfg, "caption_encoder"))
         self.audio_encoder = load_or_build(cfg, "audio_encoder") if d.audio_dim else None
-        self._check_wiring()
-        # data ------------------------------------------------------------------------------
-        excluded = set(self.t.get("exclude_labels") or [])
-        items = self.db.items
-        include = self.t.get("include_ids")
-        if include is not None:  # a training subset (e.g. a long-tailed one); the rest stays retrievable
-            bad = [i for i in include if not isinstance(i, int) or not 0 <= i < len(items)]
-            if bad:
-                raise ReaudioError(f"training.include_ids: {bad[:5]} are not item ids of {self.t['database']} "
-                                   f"(0..{len(items) - 1})")
-            include = set(include)
-        clips = [Clip(it["path"], it.get("caption") or "", it.get("label") or None, i)
-                 for i, it in enumerate(items) if (it.get("label") or None) not in excluded
-                 and (include is None or i in include)]
-        if excluded and len(clips) == len(items):
-            log.warning(f"training.exclude_labels {sorted(excluded)} matched no database item")
-        self.dataset = self.make_dataset(clips, multiple=self.decoder.compression * self.denoiser.downsample)
-        self.dataset.want_mel = not self.t["cache_latents"]
-        for component in (self.decoder, self.audio_encoder):  # the caches below are computed on the training device
-            move_component(component, env.device)
-        self.features()
-        from diffusers import DDPMScheduler
 
-        from ..pipeline import noise_schedule  # the samplers' schedule too
-        self.scheduler = DDPMScheduler(**noise_schedule(cfg))
-        self.objective = LdmObjective(self.denoiser, self.scheduler, self.uncond,
-                                      float(self.t["cfg_drop_all"]), float(self.t["cfg_drop_prompt"]),
-                                      timestep_range(self.t.get("timesteps"), self.scheduler.config.num_train_timesteps))
-        if self.t["cache_latents"]:
-            self.cache_latents()
+    def make_objective(self) -> torch.nn.Module:
+        return LdmObjective(self.denoiser, self.scheduler, self.uncond, float(self.t["cfg_drop_all"]),
+                            float(self.t["cfg_drop_prompt"]),
+                            timestep_range(self.t.get("timesteps"), self.scheduler.config.num_train_timesteps))
 
     def _check_wiring(self) -> None:
         d, te = self.denoiser, self.text_encoder

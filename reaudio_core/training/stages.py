@@ -21,6 +21,12 @@ class Stage:
     name = ""
     export_slots: tuple[str, ...] = ()
 
+    @property
+    def routes_rows(self) -> bool:
+        """True when the trained denoiser sends each batch row to one of several parts (``experts``): a step
+        may leave a part without gradient, which DistributedDataParallel must be told about."""
+        return isinstance(getattr(getattr(self, "denoiser", None), "model", None), torch.nn.ModuleDict)
+
     def __init__(self, cfg: dict, env: distributed.DistEnv, progress: bool):
         self.cfg, self.t, self.env, self.progress = cfg, cfg["training"], env, progress
         self.skipped: list[tuple[str, str]] = []

@@ -27,12 +27,13 @@ from .checkpoint import (CHECKPOINT_DIR, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, 
                          list_checkpoints, rng_state, save_checkpoint, set_rng_state, step_seed)
 from .components import move_component
 from .data import SKIP_REPORT, StepBatches, collate, write_skip_report
+from .distill import DistillStage
 from .ldm import LdmStage
 from .stages import Stage, VaeStage, VocoderStage
 
 log = logging.getLogger("reaudio.train")
 
-STAGES = ("vae", "ldm", "vocoder")
+STAGES = ("vae", "ldm", "vocoder", "distill")
 TRAINABLE = ("all", "retrieval")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOG_FILE = "log.jsonl"
@@ -90,7 +91,7 @@ def lr_factor(warmup: int, max_steps: int, decay: str):
         return 1.0
     return factor
 
-STAGE_CLASSES = {"vae": VaeStage, "ldm": LdmStage, "vocoder": VocoderStage}
+STAGE_CLASSES = {"vae": VaeStage, "ldm": LdmStage, "vocoder": VocoderStage, "distill": DistillStage}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
             self.model = DistributedDataParallel(
                 self.objective, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                find_unused_parameters=bool(t["ddp_find_unused"]))
+                find_unused_parameters=bool(t["ddp_find_unused"]) or self.stage.routes_rows)
         self.optimizer = torch.optim.AdamW(self.params, lr=float(t["lr"]), betas=tuple(t["betas"]),
                                            weight_decay=float(t["weight_decay"]))
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -37,6 +37,11 @@ Stages (each can be run alone; each resumes or skips what is already done):
   the shipped model) -> docs/results/offline-heldout.{json,md}.
 * ``renoise`` - real clips of five classes noised to t0 = 0 ... 1000 and denoised back under their prompt's
   retrieval: from which noise level does the model lose the class? -> docs/results/offline-renoise.{md,json}
+* ``fast``    - ``reaudio distill`` of the shipped model with configs/offline-fast.yaml into runs/offline-fast, then
+  the student's denoiser (half precision) with the preset's config.yaml into ``plugins/weights/offline-fast/``.
+* ``fast-check`` - the offline preset (teacher) against offline-fast (student, or ``--model DIR``) in one run:
+  denoising and whole-command wall time, classifier top-1 / top-5 over the 50 class prompts x ``--seeds``
+  (default 2), FAD against the real clips -> docs/results/offline-fast.{md,json}
 * ``demo``    - the four demo prompts with 16 seeds each (``--seeds N``): how often each is heard as asked
   -> docs/results/offline-demo[-<run>][-guidance<G>]-seeds<N>.{md,json}
 * ``experts`` - a pipeline directory with a low-noise expert (``--low DIR``) beside a model's UNet, for
@@ -47,20 +52,21 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import checks, experiments, settings, stages
+from . import checks, experiments, fast, settings, stages
 
 #: every stage by its command-line name (``all`` runs train, package, check and heldout in that order)
 STAGES = {"train": stages.train, "package": stages.package, "experts": stages.experts,
           "check": checks.check, "demo": checks.demo, "ceiling": checks.ceiling, "vae-l1": checks.vae_l1,
           "heldout": experiments.heldout, "conditional": experiments.conditional,
-          "renoise": experiments.renoise, "diagnose": experiments.diagnose}
+          "renoise": experiments.renoise, "diagnose": experiments.diagnose,
+          "fast": fast.fast, "fast-check": fast.fast_check}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m research.offline_preset", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["all", "train", "package", "check", "ceiling", "conditional", "vae-l1", "diagnose",
-                                         "heldout", "renoise", "experts", "demo"])
+                                         "heldout", "renoise", "experts", "demo", "fast", "fast-check"])
     p.add_argument("--procs", type=int, default=2, help="torchrun processes for the LDM stage (default 2)")
     p.add_argument("--seeds", type=int, default=None,
                    help="seeds per prompt: check (default 1; other than 1 appends -seeds<N> to its result files), "
@@ -90,6 +96,8 @@ def main() -> None:
                    help="v-stage LDM steps of the held-out-class model (default 3000, the shipped recipe)")
     p.add_argument("--heldout-anneal-steps", type=int, default=2000,
                    help="annealing-stage LDM steps of the held-out-class model (default 2000, the shipped recipe)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="fast-check: timed single-clip runs and whole commands per model (default 3)")
     p.add_argument("--low", metavar="DIR", help="experts: the low-noise expert (a unet-ldm directory)")
     p.add_argument("--boundary", type=int,
                    help="experts: timesteps below this go to the low-noise expert (default: the preset's, 400)")

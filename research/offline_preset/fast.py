@@ -1,0 +1,183 @@
+"""The offline-fast preset: ``fast`` (distil the shipped offline model and package the student into
+plugins/weights/offline-fast/) and ``fast-check`` (teacher against student in one run: denoising and whole-command
+wall time, classifier top-1 / top-5 over the 50 class prompts x seeds, FAD against the real clips)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from reaudio_core.io import replace_dir
+
+from . import settings
+from .checks import _classifier, _classifier_name, _classify, _score
+from .stages import reaudio
+
+TEACHER = "pkg:reaudio_plugins/weights/offline"
+CONFIG = "configs/offline-fast.yaml"
+
+
+def _run_dir() -> Path:
+    return settings.RUNS / "offline-fast"
+
+
+def fast(args) -> None:
+    """``reaudio distill`` of the shipped model (configs/offline-fast.yaml), then the student's denoiser in half
+    precision into plugins/weights/offline-fast/ with the preset's config.yaml and model card."""
+    from safetensors.torch import load_file, save_file
+
+    from reaudio_core.config import compose, save_config
+    run = _run_dir()
+    if not (run / "final" / "config.yaml").exists():
+        resume = ["--resume"] if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()) else []
+        reaudio("distill", "--teacher", TEACHER, "--out", str(run), "--config", CONFIG, *resume, procs=args.procs)
+    shipped = settings.SHIPPED.with_name("offline-fast")
+    tmp = shipped.with_name(".tmp-offline-fast")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copytree(run / "final" / "denoiser", tmp / "denoiser")
+    for f in (tmp / "denoiser").rglob("*.safetensors"):  # half precision on disk (loaded back into fp32 modules)
+        tensors = load_file(f)
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, f)
+    cfg = compose("offline-fast")
+    cfg["generation"]["model"] = None
+    save_config(cfg, tmp)
+    card = settings.REPO / "docs" / "offline-fast-card.md"
+    if card.is_file():
+        shutil.copy(card, tmp / "README.md")
+    replace_dir(tmp, shipped)
+    size = sum(f.stat().st_size for f in shipped.rglob("*") if f.is_file())
+    print(f"packaged {shipped} ({size / 2**20:.1f} MiB)")
+
+
+def _timed_denoiser(pipe, clock: list) -> None:
+    """Wrap the pipeline's denoiser so that every call adds its wall time to ``clock[0]``."""
+    inner = pipe.denoiser
+
+    class Timed:
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        def __call__(self, *a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                clock[0] += time.perf_counter() - t0
+
+    pipe.denoiser = Timed()
+
+
+def _command_seconds(preset: str, out: Path) -> float:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "reaudio_core.cli", "generate", "a dog barks", "-o", str(out), "--preset",
+                    preset, "--quiet"], check=True, cwd=settings.REPO, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def fast_check(args) -> None:
+    """Teacher (the offline preset, 20 DPM-Solver++ steps, guidance batched) against the student (offline-fast, or
+    ``--model DIR``), measured in one run -> docs/results/offline-fast.{md,json}."""
+    import numpy as np
+    import torch
+
+    from reaudio_core.audio import load_audio
+    from reaudio_core.evaluation import frechet_distance, gaussian
+    from reaudio_core.pipeline import ReAudioPipeline
+    import csv
+    n_seeds = args.seeds or 2
+    seeds = list(range(n_seeds))
+    labels = _classify([np.zeros(16000, np.float32)])[0]
+    prompts = [label.replace("_", " ") for label in labels]
+    targets = [t for _ in seeds for t in labels]
+    rows = list(csv.DictReader(open(settings.DATA / "metadata.csv", encoding="utf-8")))
+    clf = _classifier()
+    real = np.concatenate(clf.embed_frames([load_audio(settings.DATA / r["file"]) for r in rows]))
+    mu_r, sig_r = gaussian(real)
+    models = {"teacher": ReAudioPipeline.from_preset("offline"),
+              "student": (ReAudioPipeline.from_pretrained(args.model) if args.model
+                          else ReAudioPipeline.from_preset("offline-fast"))}
+    results = {"classifier": _classifier_name(), "sample_rate": 16000, "seeds": seeds,
+               "prompts": "the 50 ESC-50 class names, underscores as spaces", "clips_per_model": len(targets),
+               "fad_reference": f"the {len(rows)} real ESC-50 fold-4 clips (esc50-classifier frames)",
+               "threads": torch.get_num_threads(), "load_average_start": os.getloadavg()[0]}
+    clocks = {name: [0.0] for name in models}
+    waves = {name: [] for name in models}
+    wall = {name: 0.0 for name in models}
+    for name, pipe in models.items():
+        _timed_denoiser(pipe, clocks[name])
+        results[name] = {"generation": {k: pipe.cfg["generation"][k] for k in ("sampler", "steps", "guidance", "k",
+                                                                                "retrieval", "duration")},
+                         "model": str(pipe.cfg["generation"]["model"]),
+                         "one_call_per_step": bool(getattr(pipe.denoiser, "guidance_input", False))}
+    for seed in seeds:  # interleaved: each prompt batch by the teacher, then by the student
+        for i in range(0, len(prompts), 10):
+            for name, pipe in models.items():
+                t0 = time.perf_counter()
+                out = pipe(prompts[i:i + 10], seed=seed, progress=False)
+                wall[name] += time.perf_counter() - t0
+                waves[name] += list(out.waveforms)
+    for name in models:
+        _, probs = _classify(waves[name])
+        score = _score(labels, probs, targets)
+        frames = np.concatenate(clf.embed_frames([w.numpy() for w in waves[name]]))
+        mu, sig = gaussian(frames)
+        n = len(waves[name])
+        results[name].update(top1=score["top1"], top5=score["top5"], p_target=score["p_target"],
+                             fad=frechet_distance(mu, sig, mu_r, sig_r),
+                             denoise_s_per_clip=clocks[name][0] / n, call_s_per_clip=wall[name] / n)
+    one = {name: [] for name in models}  # one prompt, one clip: what a single command denoises
+    for _ in range(args.repeats or 3):
+        for name, pipe in models.items():
+            clocks[name][0] = 0.0
+            pipe("a dog barks", progress=False)
+            one[name].append(clocks[name][0])
+    for name in models:
+        results[name]["denoise_s_one_clip"] = statistics.median(one[name])
+    # whole command (a fresh process each): interleaved pairs
+    cmd = {"offline": [], "offline-fast": []}
+    tmp = settings.RUNS / "fast-check"
+    tmp.mkdir(parents=True, exist_ok=True)
+    for _ in range(args.repeats or 3):
+        for preset in cmd:
+            cmd[preset].append(_command_seconds(preset, tmp / f"{preset}.wav"))
+    results["command_s"] = {k: statistics.median(v) for k, v in cmd.items()}
+    results["command_runs"] = cmd
+    results["load_average_end"] = os.getloadavg()[0]
+    t, s = results["teacher"], results["student"]
+    results["ratios"] = {"denoise_speedup": t["denoise_s_one_clip"] / s["denoise_s_one_clip"],
+                         "denoise_speedup_batch10": t["denoise_s_per_clip"] / s["denoise_s_per_clip"],
+                         "command_speedup": results["command_s"]["offline"] / results["command_s"]["offline-fast"],
+                         "top1_diff": s["top1"] - t["top1"], "top5_diff": s["top5"] - t["top5"],
+                         "fad_ratio": s["fad"] / t["fad"]}
+    settings.RESULTS.mkdir(parents=True, exist_ok=True)
+    (settings.RESULTS / "offline-fast.json").write_text(json.dumps(results, indent=2))
+    r = results["ratios"]
+    md = [f"Teacher: the offline preset; student: {s['model']} ({s['generation']['steps']} "
+          f"{s['generation']['sampler']} steps, one denoiser call per step with the guidance scale as input). "
+          f"Classifier: {results['classifier']}; 16 kHz; {len(targets)} clips per model (50 class prompts x "
+          f"{n_seeds} seeds), 5.12 s each, guidance {t['generation']['guidance']}; FAD against "
+          f"{results['fad_reference']}. {results['threads']} torch threads; load average "
+          f"{results['load_average_start']:.1f} at the start, {results['load_average_end']:.1f} at the end.", "",
+          "| model | steps | denoiser calls | denoising s, one clip (median) | denoising s/clip, batches of 10 | "
+          "pipeline call s/clip, batches of 10 | whole command s (`reaudio generate`, median) | top-1 | top-5 | FAD |",
+          "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for name, preset in (("teacher", "offline"), ("student", "offline-fast")):
+        m = results[name]
+        kind = "batch 1" if m["one_call_per_step"] else "batch 2: guidance batched"
+        md.append(f"| {name} ({preset}) | {m['generation']['steps']} | {m['generation']['steps']} ({kind}) "
+                  f"| {m['denoise_s_one_clip']:.3f} | {m['denoise_s_per_clip']:.3f} | {m['call_s_per_clip']:.3f} "
+                  f"| {results['command_s'][preset]:.2f} "
+                  f"| {m['top1']:.3f} | {m['top5']:.3f} | {m['fad']:.2f} |")
+    md += ["", f"Student against teacher: denoising one clip {r['denoise_speedup']:.1f}x faster (target >= 8x; "
+           f"{r['denoise_speedup_batch10']:.1f}x in batches of 10), whole command "
+           f"{r['command_speedup']:.2f}x (target >= 2x), top-1 {r['top1_diff']:+.3f} and top-5 {r['top5_diff']:+.3f} "
+           f"(target within 0.05), FAD x{r['fad_ratio']:.3f} (target within 10%)."]
+    (settings.RESULTS / "offline-fast.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
