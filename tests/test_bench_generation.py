@@ -87,3 +87,17 @@ def test_quick_defaults(bench):
     assert args.sizes == ["tiny"] and args.target_steps == 2 and args.repeats == 1 and args.threads == 2
     full = bench.parse_args([])
     assert full.sizes == ["tiny", "s"] and full.target_steps == 20 and full.sampler_steps == [20, 50, 200]
+
+
+@pytest.mark.slow  # three pipelines end to end
+def test_student_section_counts_one_call_per_step(tmp_path, capsys):
+    out = tmp_path / "results"
+    assert cli(["bench", "generation", "--student", "--quick", "--threads", "1", "--out", str(out)]) == 0
+    text = (out / "generation-student.md").read_text()
+    rows = table(text, "## Teacher against distilled student")
+    assert [(r["variant"].split(":")[0], r["UNet calls"]) for r in rows] == [("teacher", "2"), ("student", "4"),
+                                                                            ("student", "8")]
+    assert all(float(r["end to end (median)"]) > 0 for r in rows)
+    result = json.loads((out / "generation-student.json").read_text())
+    assert [r["steps"] for r in result["results"][0]["rows"]] == [2, 4, 8]
+    assert not (out / "generation.md").exists()  # the full benchmark's report is left alone

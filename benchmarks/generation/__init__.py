@@ -49,7 +49,8 @@ Writes DIR/generation.md (the printed report), DIR/generation.json (every number
 
 The package: ``constants`` (prompt, seed, sizes, targets, the issue's reference numbers), ``measure`` (memory,
 bf16 probe, timing proxies, the bare diffusers loop), ``cases`` (what is measured per size), ``report`` (markdown,
-plot); this module parses the flags, runs the sizes and writes the files.
+plot), ``student`` (``--student``: teacher against a distilled student, per stage, into
+generation-student.{md,json}); this module parses the flags, runs the sizes and writes the files.
 """
 from __future__ import annotations
 
@@ -114,6 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast variants: auto (default) runs them where the CPU has fast bf16 (probed at the "
                         "start) and at size tiny; on: always (hours at S on a CPU without AVX512-BF16/AMX); off: never")
+    p.add_argument("--student", action="store_true",
+                   help="only the teacher / distilled-student comparison (benchmarks/generation/student.py) -> "
+                        "generation-student.{md,json}")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default benchmarks/results/, with --quick benchmarks/results/quick/)")
     args = p.parse_args(argv)
@@ -136,6 +140,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def run_student(args, out: Path) -> dict:
+    from .student import bench_student
+    from .student import markdown as student_markdown
+    started, load = time.perf_counter(), os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="reaudio-bench-student-") as work:
+        results = [bench_student(size, args, Path(work)) for size in tqdm(args.sizes, desc="student", file=sys.stderr)]
+    total = time.perf_counter() - started
+    head = [f"# Generation: teacher against distilled student", "",
+            f"{args.threads} torch threads, medians of {args.repeats} interleaved run(s); {total / 60:.1f} min; load "
+            f"average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end. `python -m benchmarks.generation "
+            f"--student --sizes {','.join(args.sizes)} --repeats {args.repeats}`.", ""]
+    text = "\n".join(head + student_markdown(results))
+    print(text)
+    atomic_write_text(out / "generation-student.md", text)
+    result = {"results": results, "threads": args.threads, "repeats": args.repeats, "total_s": total,
+              "load_average": [load[0], os.getloadavg()[0]]}
+    atomic_write_text(out / "generation-student.json", json.dumps(result, indent=1, default=str))
+    return result
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     previous_threads = torch.get_num_threads()
@@ -149,6 +173,8 @@ def main(argv=None) -> dict:
 def run(args) -> dict:
     out = args.out or (REPO / "benchmarks" / "results" / ("quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
+    if args.student:
+        return run_student(args, out)
     started, load = time.perf_counter(), os.getloadavg()
     args.cpu_flags, args.bf16_probe = cpu_flags(), bf16_probe()
     results = []
