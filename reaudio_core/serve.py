@@ -158,7 +158,7 @@ class App:
         self.defaults = {"k": gen["k"], "steps": gen["steps"], "guidance": gen["guidance"], "seed": gen["seed"],
                          "duration": gen["duration"], "retrieval": gen["retrieval"] != "none"}
         from .pipeline import MAX_PROMPT_CHARS
-        self.limits = {"k": max(1, min(64, len(self.db) if self.db is not None else 64)), "steps": max_steps,
+        self.limits = {"k": max(1, min(64, len(self.db) if self.db is not None else 64)), "steps": min(max_steps, pipe.cfg["diffusion"]["num_train_timesteps"]),
                        "guidance": 50.0, "duration": float(gen["max_duration"]), "prompt_chars": MAX_PROMPT_CHARS,
                        "upload_bytes": self.max_upload}
 
@@ -391,9 +391,12 @@ def serve(args) -> int:
     from .generate import flag_overrides, load_pipeline
     if not 0 <= args.port <= 65535:
         raise ReaudioError(f"--port must be from 0 to 65535, got {args.port}")
-    for flag in ("max_queue", "max_steps", "max_upload_mb"):
-        if not getattr(args, flag) > 0 and not (flag == "max_queue" and args.max_queue == 0):
-            raise ReaudioError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    for flag, least in (("max_queue", 0), ("max_steps", 1), ("max_upload_mb", 0.001)):
+        if not getattr(args, flag) >= least:
+            raise ReaudioError(f"--{flag.replace('_', '-')} must be at least {least}, got {getattr(args, flag)}")
+    if args.out:
+        from .cli import check_writable
+        check_writable(args.out, "--out", folder=True)
     t0 = time.perf_counter()
     pipe = load_pipeline(args, list(args.overrides) + flag_overrides(args))
     app = App(pipe, out=args.out, data=args.data, max_queue=args.max_queue, max_steps=args.max_steps,
