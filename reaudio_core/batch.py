@@ -97,9 +97,9 @@ def read_prompts_file(path: str | Path) -> list[Job]:
                 names.append("")
     if not jobs:
         raise ReaudioError(f"--prompts {path} holds no prompt (blank lines and # comments are skipped)")
+    from .generate import slug
     taken: set[str] = set()
     for job, name in zip(jobs, names):
-        from .generate import slug
         base = slug(name or job.prompt, MAX_NAME)
         job.name, n = base, 1
         while job.name.lower() in taken:  # case-insensitive: unique on every file system
@@ -150,13 +150,22 @@ def _config_change(old: dict, new: dict, prefix: str = "") -> str | None:
     return None
 
 
+def _neighbours(pipe, prompt: str) -> list[dict]:
+    """The neighbours a generation of ``prompt`` conditions on (for an output whose manifest row was lost)."""
+    from .pipeline import clean_prompt
+    if pipe.database is None or pipe.cfg["generation"]["retrieval"] == "none":
+        return []
+    k = min(pipe.cfg["generation"]["k"], len(pipe.database))
+    return pipe.retrieve(pipe.text_encoder.embed([clean_prompt(prompt)[0]]), k)[0]
+
+
 def run_batch(args, prompts: Sequence[str], overrides: Sequence[str], shown: set[str] | None = None) -> int:
     """``reaudio generate --prompts FILE -o DIR [flags] [key=value ...]`` (module docstring)."""
     import yaml
     from tqdm.auto import tqdm
 
     from .audio import save_wav
-    from .cli import check_writable
+    from .io import check_writable
     from .config import CONFIG_FILE
     from .generate import flag_overrides, load_pipeline, print_notes
     from .io import atomic_write_text
@@ -186,8 +195,8 @@ def run_batch(args, prompts: Sequence[str], overrides: Sequence[str], shown: set
         wav = out / f"{job.name}.wav"
         before = earlier.get(wav.name)
         same = before is None or (before.get("caption") == job.prompt and str(before.get("seed")) == str(seed))
-        if wav.is_file() and same:  # done by an earlier run: kept, with what that run recorded
-            rows.append({**(before or output_row(job, seed, [])), "path": wav.name})
+        if wav.is_file() and same:  # done by an earlier run: kept, with what that run recorded (else its neighbours)
+            rows.append({**before, "path": wav.name} if before else output_row(job, seed, _neighbours(pipe, job.prompt)))
             kept += 1
             continue
         if wav.is_file():

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from .io import check_writable  # noqa: F401  (its old home; every command checks its outputs with it)
 from .registry import ReaudioError
 
 
@@ -18,32 +19,6 @@ def _config_args(p: argparse.ArgumentParser, preset_default: str | None = "offli
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="YAML override file (repeatable, applied in order)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dot-overrides, e.g. retriever=hnswlib")
-
-
-def check_writable(path, what: str, folder: bool) -> None:
-    """Raise :class:`ReaudioError` unless ``path`` can be written: a ``folder`` (or a file) that exists and is
-    writable, or one that can be created (its nearest existing ancestor is a writable folder). Called before
-    any work, so an unwritable output fails in a second, not after minutes of embedding or sampling."""
-    p = Path(path).expanduser().absolute()
-    if p.exists() and folder and not p.is_dir():
-        raise ReaudioError(f"{what} {path} exists and is not a folder; choose a folder")
-    if p.exists() and not folder and p.is_dir():
-        raise ReaudioError(f"{what} {path} is a folder; give a file name")
-    base = p if p.is_dir() else p.parent
-    while not base.exists():
-        base = base.parent
-    if not base.is_dir():
-        raise ReaudioError(f"cannot write {what} {path}: {base} is a file, not a folder")
-    if not os.access(base, os.W_OK | os.X_OK) or (p.is_file() and not os.access(p, os.W_OK)):
-        raise ReaudioError(f"cannot write {what} {path}: {p if p.is_file() else base} is not writable "
-                           "(permissions or a read-only file system); choose another location")
-    import tempfile
-    try:  # root passes os.access everywhere: a real write finds read-only and pseudo file systems (/proc)
-        with tempfile.TemporaryFile(dir=base):
-            pass
-    except OSError as exc:
-        raise ReaudioError(f"cannot write {what} {path}: {base} does not take new files ({exc.strerror or exc}); "
-                           "choose another location") from None
 
 
 def _os_error(exc: OSError) -> str:

@@ -395,7 +395,7 @@ def serve(args) -> int:
         if not getattr(args, flag) >= least:
             raise ReaudioError(f"--{flag.replace('_', '-')} must be at least {least}, got {getattr(args, flag)}")
     if args.out:
-        from .cli import check_writable
+        from .io import check_writable
         check_writable(args.out, "--out", folder=True)
     t0 = time.perf_counter()
     pipe = load_pipeline(args, list(args.overrides) + flag_overrides(args))

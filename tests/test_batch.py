@@ -23,6 +23,9 @@ class Spy:
         self.asked += prompts
         return self.pipe(prompts, **kw)
 
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
 
 @pytest.fixture
 def spy(tiny_pipeline, monkeypatch):
@@ -92,6 +95,10 @@ def test_batch_writes_every_prompt_then_resumes(spy, tmp_path):
     assert np.array_equal(sf.read(out / "again.wav")[0], audio["dog.wav"])
     assert [r["path"] for r in manifest(out)] == names and manifest(out)[0] == rows[0]
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary file behind
+    # a run killed between a WAV and its manifest row: the WAV is kept, its row rebuilt with the neighbours
+    (out / "manifest.csv").unlink()
+    assert run(f, out) == 0 and len(spy.asked) == 5
+    assert manifest(out) == rows
 
 
 def test_a_changed_row_is_remade_and_another_configuration_refused(spy, tmp_path, capsys):
