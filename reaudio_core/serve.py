@@ -152,7 +152,8 @@ class App:
         self.max_upload = int(max_upload_mb * 2**20)
         self.keep = keep
         self.results: OrderedDict[str, list[Path]] = OrderedDict()
-        self.uploads: dict[str, Path] = {}
+        self.uploads: OrderedDict[str, Path] = OrderedDict()
+        self._uploads_lock = threading.Lock()
         self._clips: dict[int, Path | None] = {}
         gen = pipe.cfg["generation"]
         self.defaults = {"k": gen["k"], "steps": gen["steps"], "guidance": gen["guidance"], "seed": gen["seed"],
@@ -219,7 +220,10 @@ class App:
         except AudioProblem as exc:
             path.unlink(missing_ok=True)
             raise BadRequest(f"{filename or 'the upload'} is not usable audio: {exc}") from None
-        self.uploads[uid] = path
+        with self._uploads_lock:
+            self.uploads[uid] = path
+            while len(self.uploads) > self.keep:  # older uploads' files go
+                self.uploads.popitem(last=False)[1].unlink(missing_ok=True)
         return {"upload": uid, "duration": round(duration, 3), "name": filename}
 
     # -- generation ------------------------------------------------------------------------------

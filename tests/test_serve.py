@@ -262,3 +262,18 @@ def test_the_page_in_a_headless_chromium(tmp_path):
         if proc is not None:
             proc.terminate()
             proc.wait(30)
+
+
+@pytest.mark.parametrize("flags, message", [(["--port", "70000"], "--port must be from 0 to 65535"),
+                                            (["--max-queue", "-1"], "--max-queue must be at least 0"),
+                                            (["--max-steps", "0"], "--max-steps must be at least 1")])
+def test_bad_serve_flags_are_one_line_before_loading(flags, message, capsys):
+    from reaudio_core import cli
+    assert cli.main(["serve", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_without_chromium_the_browser_test_skips_naming_it(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", "/nonexistent/chromium")
+    with pytest.raises(pytest.skip.Exception, match="no browser: /nonexistent/chromium missing"):
+        browser()
