@@ -192,7 +192,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-
 def cmd_serve(args) -> int:
     from .serve import serve
     return serve(args)
