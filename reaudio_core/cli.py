@@ -6,11 +6,11 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
 
+from .io import check_writable  # noqa: F401  (its old home; every command checks its outputs with it)
 from .registry import ReaudioError
 
 
@@ -19,32 +19,6 @@ def _config_args(p: argparse.ArgumentParser, preset_default: str | None = "offli
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="YAML override file (repeatable, applied in order)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dot-overrides, e.g. retriever=hnswlib")
-
-
-def check_writable(path, what: str, folder: bool) -> None:
-    """Raise :class:`ReaudioError` unless ``path`` can be written: a ``folder`` (or a file) that exists and is
-    writable, or one that can be created (its nearest existing ancestor is a writable folder). Called before
-    any work, so an unwritable output fails in a second, not after minutes of embedding or sampling."""
-    p = Path(path).expanduser().absolute()
-    if p.exists() and folder and not p.is_dir():
-        raise ReaudioError(f"{what} {path} exists and is not a folder; choose a folder")
-    if p.exists() and not folder and p.is_dir():
-        raise ReaudioError(f"{what} {path} is a folder; give a file name")
-    base = p if p.is_dir() else p.parent
-    while not base.exists():
-        base = base.parent
-    if not base.is_dir():
-        raise ReaudioError(f"cannot write {what} {path}: {base} is a file, not a folder")
-    if not os.access(base, os.W_OK | os.X_OK) or (p.is_file() and not os.access(p, os.W_OK)):
-        raise ReaudioError(f"cannot write {what} {path}: {p if p.is_file() else base} is not writable "
-                           "(permissions or a read-only file system); choose another location")
-    import tempfile
-    try:  # root passes os.access everywhere: a real write finds read-only and pseudo file systems (/proc)
-        with tempfile.TemporaryFile(dir=base):
-            pass
-    except OSError as exc:
-        raise ReaudioError(f"cannot write {what} {path}: {base} does not take new files ({exc.strerror or exc}); "
-                           "choose another location") from None
 
 
 def _os_error(exc: OSError) -> str:
@@ -178,72 +152,35 @@ def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     return prompts, [i for i in items if pattern.match(i)]
 
 
-def _slug(text: str, n: int = 40) -> str:
-    import re
-    return (re.sub(r"[^\w]+", "-", text.lower(), flags=re.UNICODE).strip("-")[:n] or "prompt")
-
-
-MAX_CANDIDATES = 64  #: all candidates of all prompts are sampled in one batch: more is a memory error, not a result
-
-
-def check_generation(cfg: dict) -> None:
-    """The resolved ``generation`` numbers (flags and ``generation.*`` overrides alike): finite and in range,
-    checked before anything is sampled. Raises :class:`ReaudioError` naming the key and its flag."""
-    gen, most_steps = cfg["generation"], cfg["diffusion"]["num_train_timesteps"]
-    rules = {  # key: (integer?, test, what it must be)
-        "guidance": (False, lambda v: v >= 0, "a finite number >= 0 (1 = no guidance, 0 = the unconditional model)"),
-        "duration": (False, lambda v: v > 0, f"a finite number of seconds > 0 (at most {gen.get('max_duration')})"),
-        "steps": (True, lambda v: 1 <= v <= most_steps,
-                  f"an integer from 1 to {most_steps} (diffusion.num_train_timesteps)"),
-        "candidates": (True, lambda v: 1 <= v <= MAX_CANDIDATES, f"an integer from 1 to {MAX_CANDIDATES}"),
-        "seed": (True, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1"),
-    }
-    for key, (integer, test, what) in rules.items():
-        v = gen.get(key)
-        kinds = (int,) if integer else (int, float)
-        if isinstance(v, bool) or not isinstance(v, kinds) or not math.isfinite(v) or not test(v):
-            raise ReaudioError(f"generation.{key} (--{key}) must be {what}, got {v!r}")
-
-
 def cmd_generate(args) -> int:
     from .audio import save_wav
-    from .config import compose, save_config
-    from .pipeline import ReAudioPipeline
+    from .config import save_config
+    from .generate import flag_overrides, load_pipeline, neighbour_lines, print_notes, slug
     prompts, overrides = _split_overrides(args.items)
     prompts += args.prompt + getattr(args, "after_dashes", [])  # --prompt TEXT and words after `--`: as written
+    if args.prompts:
+        from .batch import run_batch
+        return run_batch(args, prompts, overrides, shown=_SHOWN)
     if not prompts:
         raise ReaudioError("no prompt given: reaudio generate \"a dog barks\" -o dog.wav (a prompt containing '=' "
                            "needs --prompt \"a=b\" or `--` before it)")
-    for flag in ("seed", "steps", "guidance", "duration", "candidates"):
-        value = getattr(args, flag)
-        if value is not None:
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ReaudioError(f"--{flag} must be a finite number, got {value}")
-            overrides.append(f"generation.{flag}={value}")
+    overrides += flag_overrides(args)
     out = Path(args.output)
     single = out.suffix.lower() == ".wav"
     if single and len(prompts) > 1:
         raise ReaudioError(f"{len(prompts)} prompts need an output directory, not the file {out}")
     check_writable(out, "-o", folder=not single)
-    if args.model:
-        pipe = ReAudioPipeline.from_pretrained(args.model, overrides, db=args.db)
-        check_generation(pipe.cfg)
-    else:
-        cfg = compose(args.preset or DEFAULT_GENERATE_PRESET, args.config, overrides)
-        check_generation(cfg)
-        pipe = ReAudioPipeline.from_config(cfg, db=args.db)
+    pipe = load_pipeline(args, overrides)
     result = pipe(prompts, progress=not args.quiet)
-    for note in result.warnings:
-        if " ".join(str(note).split()) not in _SHOWN:
-            print(f"note: {note}", file=sys.stderr)
+    print_notes(result.warnings, _SHOWN)
     out_dir = out.parent if single else out
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(result.prompts):
-        path = out if single else out_dir / f"{i:02d}_{_slug(prompt)}.wav"
+        path = out if single else out_dir / f"{i:02d}_{slug(prompt)}.wav"
         save_wav(path, result.waveforms[i], result.sample_rate)
         print(f"{path}  <- {prompt!r}")
-        for n in result.neighbours[i]:
-            print(f"    neighbour {n['score']:.3f}  {n['caption']}  ({n.get('path', '')})")
+        for line in neighbour_lines(result.neighbours[i]):
+            print(line)
         if args.png:
             from .plots import save_mel_png
             save_mel_png(path.with_suffix(".png"), result.mels[i], prompt, [n["caption"] for n in result.neighbours[i]])
@@ -255,7 +192,9 @@ def cmd_generate(args) -> int:
     return 0
 
 
-DEFAULT_GENERATE_PRESET = "offline"
+def cmd_serve(args) -> int:
+    from .serve import serve
+    return serve(args)
 
 
 # -- train ------------------------------------------------------------------------------
@@ -399,6 +338,8 @@ def _set_threads(flag: int | None, computes: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .generate import add_model_args
+    from .serve import add_serve_args
     parser = argparse.ArgumentParser(prog="reaudio", description=__doc__)
     parser.add_argument("--traceback", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -455,18 +396,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a prompt taken as written, even with '=' in it (repeatable)")
     p.add_argument("-o", "--output", required=True, metavar="FILE.wav|DIR")
-    p.add_argument("--preset", default=None, help="named preset (default: offline)")
-    p.add_argument("--config", action="append", default=[], metavar="FILE")
-    p.add_argument("--model", metavar="DIR", help="a saved pipeline (save_pretrained / reaudio train)")
-    p.add_argument("--db", metavar="DIR", help="retrieval database (reaudio index build)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--duration", type=float, metavar="S")
-    p.add_argument("--candidates", type=int)
+    p.add_argument("--prompts", metavar="FILE", help="batch: one prompt per line, or a CSV with prompt and optional "
+                   "seed / name columns; -o is a folder, resumable, with manifest.csv (docs/serve.md)")
+    add_model_args(p)
     p.add_argument("--png", action="store_true", help="also write a mel-spectrogram PNG per clip")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="a local web page that keeps the models loaded (docs/serve.md)")
+    _threads_arg(p)
+    add_serve_args(p)
+    add_model_args(p)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dot-overrides, e.g. generation.k=5")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("train", help="train the VAE, the retrieval LDM or the vocoder (torchrun for several processes)")
     _threads_arg(p)
@@ -536,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_longtail)
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
-    p.add_argument("which", choices=["retrievers", "generation", "training", "checks", "threads"])
+    p.add_argument("which", choices=["retrievers", "generation", "training", "checks", "threads", "serve"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser

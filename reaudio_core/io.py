@@ -11,18 +11,22 @@ the final ``os.replace`` is a rename within one filesystem.
 * :func:`atomic_dir`: a whole folder (``save_pretrained`` of a component).
 * :func:`replace_dir`: switch a finished temporary folder in for another (versioned data).
 * :func:`fsync_path`, :func:`fsync_dir`, :func:`fsync_tree`: durability of what was written.
+* :func:`check_writable`: that an output can be written, checked before any work.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import tempfile
 import threading
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-__all__ = ["atomic_dir", "atomic_save", "atomic_write", "atomic_write_text", "fsync_dir", "fsync_path",
+from .registry import ReaudioError
+
+__all__ = ["atomic_dir", "atomic_save", "atomic_write", "atomic_write_text", "check_writable", "fsync_dir", "fsync_path",
            "fsync_tree", "replace_dir", "temp_name"]
 
 
@@ -135,3 +139,28 @@ def atomic_dir(directory: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_writable(path, what: str, folder: bool) -> None:
+    """Raise :class:`ReaudioError` unless ``path`` can be written: a ``folder`` (or a file) that exists and is
+    writable, or one that can be created (its nearest existing ancestor is a writable folder). Called before
+    any work, so an unwritable output fails in a second, not after minutes of embedding or sampling."""
+    p = Path(path).expanduser().absolute()
+    if p.exists() and folder and not p.is_dir():
+        raise ReaudioError(f"{what} {path} exists and is not a folder; choose a folder")
+    if p.exists() and not folder and p.is_dir():
+        raise ReaudioError(f"{what} {path} is a folder; give a file name")
+    base = p if p.is_dir() else p.parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise ReaudioError(f"cannot write {what} {path}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK) or (p.is_file() and not os.access(p, os.W_OK)):
+        raise ReaudioError(f"cannot write {what} {path}: {p if p.is_file() else base} is not writable "
+                           "(permissions or a read-only file system); choose another location")
+    try:  # root passes os.access everywhere: a real write finds read-only and pseudo file systems (/proc)
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as exc:
+        raise ReaudioError(f"cannot write {what} {path}: {base} does not take new files ({exc.strerror or exc}); "
+                           "choose another location") from None

@@ -50,3 +50,22 @@ def clip_factory(tmp_path):
     def factory(name="clip.wav", **kw):
         return make_clip(tmp_path / name, **kw)
     return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """The tiny preset's pipeline over a three-clip database (tests/test_batch.py, tests/test_serve.py)."""
+    import torch
+
+    from reaudio_core.config import compose
+    from reaudio_core.database import build_database
+    from reaudio_core.pipeline import ReAudioPipeline
+    root = tmp_path_factory.mktemp("tiny3")
+    rows = ["path,caption,label"]
+    for i, caption in enumerate(["a dog barking", "rain falling on a roof", "church bells ringing"]):
+        make_clip(root / f"c{i}.wav", seconds=1.5, freq=200 + 150 * i, seed=i)
+        rows.append(f"c{i}.wav,{caption},{caption.split()[1]}")
+    (root / "m.csv").write_text("\n".join(rows) + "\n")
+    build_database([root / "m.csv"], root / "db", compose("tiny"), progress=False)
+    torch.manual_seed(0)
+    return ReAudioPipeline.from_config(compose("tiny"), db=root / "db")

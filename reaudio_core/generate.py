@@ -1,0 +1,94 @@
+"""The pieces of ``reaudio generate`` shared by one-shot runs, batch runs (:mod:`reaudio_core.batch`) and the web
+page (:mod:`reaudio_core.serve`): the model flags, the pipeline they load, the checked generation numbers, file
+names from prompts, and the neighbour lines printed under each output."""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from typing import Sequence
+
+from .registry import ReaudioError
+
+DEFAULT_PRESET = "offline"
+MAX_CANDIDATES = 64  #: all candidates of all prompts are sampled in one batch: more is a memory error, not a result
+FLAGS = ("seed", "steps", "guidance", "duration", "candidates")  #: flags that are ``generation.<flag>`` overrides
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags that choose a model and its generation defaults (``generate`` and ``serve``)."""
+    p.add_argument("--preset", default=None, help=f"named preset (default: {DEFAULT_PRESET})")
+    p.add_argument("--config", action="append", default=[], metavar="FILE")
+    p.add_argument("--model", metavar="DIR", help="a saved pipeline (save_pretrained / reaudio train)")
+    p.add_argument("--db", metavar="DIR", help="retrieval database (reaudio index build)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--duration", type=float, metavar="S")
+    p.add_argument("--candidates", type=int)
+
+
+def flag_overrides(args) -> list[str]:
+    """``generation.<flag>=value`` for each of :data:`FLAGS` given on the command line."""
+    out = []
+    for flag in FLAGS:
+        value = getattr(args, flag, None)
+        if value is not None:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ReaudioError(f"--{flag} must be a finite number, got {value}")
+            out.append(f"generation.{flag}={value}")
+    return out
+
+
+def check_generation(cfg: dict) -> None:
+    """The resolved ``generation`` numbers (flags and ``generation.*`` overrides alike): finite and in range,
+    checked before anything is sampled. Raises :class:`ReaudioError` naming the key and its flag."""
+    gen, most_steps = cfg["generation"], cfg["diffusion"]["num_train_timesteps"]
+    rules = {  # key: (integer?, test, what it must be)
+        "guidance": (False, lambda v: v >= 0, "a finite number >= 0 (1 = no guidance, 0 = the unconditional model)"),
+        "duration": (False, lambda v: v > 0, f"a finite number of seconds > 0 (at most {gen.get('max_duration')})"),
+        "steps": (True, lambda v: 1 <= v <= most_steps,
+                  f"an integer from 1 to {most_steps} (diffusion.num_train_timesteps)"),
+        "candidates": (True, lambda v: 1 <= v <= MAX_CANDIDATES, f"an integer from 1 to {MAX_CANDIDATES}"),
+        "seed": (True, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1"),
+    }
+    for key, (integer, test, what) in rules.items():
+        v = gen.get(key)
+        kinds = (int,) if integer else (int, float)
+        if isinstance(v, bool) or not isinstance(v, kinds) or not math.isfinite(v) or not test(v):
+            raise ReaudioError(f"generation.{key} (--{key}) must be {what}, got {v!r}")
+
+
+def load_pipeline(args, overrides: Sequence[str]):
+    """The pipeline ``--model`` / ``--preset`` / ``--config`` / ``--db`` and ``overrides`` name, its generation
+    numbers checked (:func:`check_generation`)."""
+    from .config import compose
+    from .pipeline import ReAudioPipeline
+    if args.model:
+        pipe = ReAudioPipeline.from_pretrained(args.model, list(overrides), db=args.db)
+        check_generation(pipe.cfg)
+        return pipe
+    cfg = compose(args.preset or DEFAULT_PRESET, args.config, list(overrides))
+    check_generation(cfg)
+    return ReAudioPipeline.from_config(cfg, db=args.db)
+
+
+def slug(text: str, n: int = 40) -> str:
+    """A file-name-safe lower-case stem of ``text``: letters, digits, ``_`` and ``-`` only (never empty)."""
+    return re.sub(r"[^\w]+", "-", text.lower(), flags=re.UNICODE).strip("-")[:n] or "prompt"
+
+
+def neighbour_lines(neighbours: list[dict]) -> list[str]:
+    """The lines printed under an output for the neighbours it conditioned on."""
+    return [f"    neighbour {n['score']:.3f}  {n['caption']}  ({n.get('path', '')})" for n in neighbours]
+
+
+def print_notes(notes: Sequence[str], shown: set[str]) -> None:
+    """Each generation note on stderr once: one in ``shown`` (warnings already printed as one line, notes printed
+    before) is not printed again; the printed ones are added to it."""
+    import sys
+    for note in notes:
+        line = " ".join(str(note).split())
+        if line not in shown:
+            shown.add(line)
+            print(f"note: {note}", file=sys.stderr)
