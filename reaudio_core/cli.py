@@ -206,6 +206,8 @@ def check_generation(cfg: dict) -> None:
 
 
 def cmd_generate(args) -> int:
+    from . import timings
+    timings.mark("start")  # the first mark books the process's age: interpreter start-up and imports so far
     from .audio import save_wav
     from .config import compose, save_config
     from .pipeline import ReAudioPipeline
@@ -232,6 +234,7 @@ def cmd_generate(args) -> int:
         cfg = compose(args.preset or DEFAULT_GENERATE_PRESET, args.config, overrides)
         check_generation(cfg)
         pipe = ReAudioPipeline.from_config(cfg, db=args.db)
+    timings.mark("build")
     result = pipe(prompts, progress=not args.quiet)
     for note in result.warnings:
         if " ".join(str(note).split()) not in _SHOWN:
@@ -252,6 +255,7 @@ def cmd_generate(args) -> int:
         Path(str(out) + ".config.yaml").write_text(yaml.safe_dump(pipe.cfg, sort_keys=False), encoding="utf-8")
     else:
         save_config(pipe.cfg, out_dir)
+    timings.report("write", args.timings)
     return 0
 
 
@@ -456,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=int)
     p.add_argument("--png", action="store_true", help="also write a mel-spectrogram PNG per clip")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--timings", action="store_true", help="print the wall time of each stage (reaudio_core.timings)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train the VAE, the retrieval LDM or the vocoder (torchrun for several processes)")
@@ -516,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_longtail)
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
-    p.add_argument("which", choices=["retrievers", "generation", "training", "checks", "threads"])
+    p.add_argument("which", choices=["retrievers", "generation", "training", "checks", "threads", "engines"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser
