@@ -102,3 +102,21 @@ def test_prompt_and_caption_encoders_share_one_minilm():
     from reaudio_core import create
     a, b = create("text_encoder", "minilm"), create("text_encoder", "minilm")
     assert a.model is b.model and a.tokenizer is b.tokenizer
+
+
+def test_startup_benchmark_reads_the_stage_table_and_importtime():
+    from benchmarks.generation.startup import markdown, parse_importtime, parse_stages
+    err = "noise\nstage      wall time\nstart         0.250 s\nbuild         3.500 s\ndenoise       2.000 s\n" \
+          "total         5.750 s\n"
+    assert parse_stages(err) == {"start": 0.25, "build": 3.5, "denoise": 2.0}
+    imports = parse_importtime("import time: self [us] | cumulative | imported package\n"
+                               "import time:       100 |        100 |     b.c\n"
+                               "import time:       200 |        300 |   b\n"
+                               "import time:        50 |        350 | a\n")
+    assert [(r["name"], r["depth"], r["parent"]) for r in imports] == [("b.c", 2, "b"), ("b", 1, "a"), ("a", 0, None)]
+    assert imports[2]["cumulative_s"] == pytest.approx(350e-6) and imports[1]["self_s"] == pytest.approx(200e-6)
+    text = markdown({"repeats": 1, "threads": 2, "command": "c", "load_average": [[1, 1, 1], [1, 1, 1]], "cores": 2,
+                     "stages_median_s": {"start": 0.25}, "wall_median_s": 4.0, "overhead_median_s": 2.0,
+                     "target_overhead_s": 3.0, "import_total_s": 1.0, "imports_top": [imports[2]],
+                     "imports_nested_top": [imports[1]], "wall_s": [4.0]})
+    assert "**2.00** (target <= 3: met)" in text and "| b | a | 0.00 |" in text
