@@ -207,7 +207,7 @@ def check_generation(cfg: dict) -> None:
 
 def cmd_generate(args) -> int:
     from . import timings
-    timings.mark("start")  # the first mark books the process's age: interpreter start-up and imports so far
+    timings.begin()  # "start": the process's age so far (interpreter start-up, imports)
     from .audio import save_wav
     from .config import compose, save_config
     from .pipeline import ReAudioPipeline

@@ -3,7 +3,7 @@
 :func:`mark` ``(stage)`` books the wall time since the previous mark to ``stage`` (added up when a
 stage is marked again). The first mark of a process first books ``start``: the process's age at that
 moment (interpreter start-up and the imports before the command ran; Linux ``/proc``, left out
-elsewhere). ``reaudio generate`` marks ``build`` (configuration, lazy imports, models, weights),
+elsewhere); a command starts its table with :func:`begin`. ``reaudio generate`` marks ``build`` (configuration, lazy imports, models, weights),
 the pipeline ``condition``, ``denoise``, ``decode``, ``vocode``, and the command ``write``;
 ``--timings`` prints the table (:func:`report`), otherwise it goes to the ``reaudio`` logger at DEBUG.
 Cheap enough to be always on: one ``perf_counter`` per mark.
@@ -18,6 +18,7 @@ log = logging.getLogger("reaudio")
 
 _stages: dict[str, float] = {}
 _last: float | None = None
+_begun = False  #: whether a command of this process has called begin()
 
 
 def process_age() -> float | None:
@@ -42,6 +43,19 @@ def mark(stage: str) -> None:
     else:
         _stages[stage] = _stages.get(stage, 0.0) + now - _last
     _last = now
+
+
+def begin() -> None:
+    """Start a command's table afresh: its ``start`` is the process's age for the first command of the process
+    (interpreter start-up and imports included), 0 for a later one (``main()`` called again in one process)."""
+    global _begun, _last
+    first = not _begun
+    reset()
+    _begun = True
+    if first:
+        mark("start")
+    else:
+        _stages["start"], _last = 0.0, time.perf_counter()
 
 
 def stages() -> dict[str, float]:

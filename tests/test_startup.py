@@ -83,6 +83,9 @@ def test_timings_book_each_stage_since_the_previous_mark(monkeypatch):
     text = timings.table()
     assert text.splitlines()[0].startswith("stage") and text.splitlines()[-1].startswith("total")
     assert len(text.splitlines()) == 5
+    monkeypatch.setattr(timings, "_begun", True)
+    timings.begin()  # a second command in one process starts afresh, at 0
+    assert timings.stages() == {"start": 0.0}
 
 
 @pytest.mark.slow  # builds the tiny pipeline (about 5 s)
@@ -90,12 +93,14 @@ def test_generate_timings_prints_the_stage_table(monkeypatch, capsys, tmp_path):
     from reaudio_core.cli import main
     monkeypatch.setattr(timings, "_stages", {})
     monkeypatch.setattr(timings, "_last", None)
+    monkeypatch.setattr(timings, "_begun", True)  # a later command of this process: its start is 0
     rc = main(["generate", "a dog barks", "--preset", "tiny", "--steps", "1", "--quiet", "--timings",
                "generation.retrieval=none", "-o", str(tmp_path / "x.wav")])
     assert rc == 0
     err = capsys.readouterr().err
     for stage in ("start", "build", "condition", "denoise", "decode", "vocode", "write", "total"):
         assert f"\n{stage} " in "\n" + err, err
+    assert "\nstart         0.000 s" in "\n" + err
 
 
 def test_prompt_and_caption_encoders_share_one_minilm():
