@@ -123,8 +123,9 @@ def markdown(r: dict) -> str:
     lines += [f"| process wall, measured outside | {r['wall_median_s']:.2f} |",
               f"| **overhead outside denoise and vocode** | **{r['overhead_median_s']:.2f}** "
               f"(target <= {r['target_overhead_s']:.0f}: {'met' if met else 'not met'}) |", "",
-              "`start` is the process up to the command (interpreter, `reaudio_core.cli`); `build` includes the "
-              "lazy imports of torch, transformers and diffusers, model building and weight loading.", "",
+              "`start` is the process up to the command's body (interpreter, `reaudio_core.cli`, and torch, which "
+              "the thread setting imports); `build` includes the lazy imports of transformers and diffusers, model "
+              "building and weight loading.", "",
               f"Imports (`-X importtime`, one run): {r['import_total_s']:.2f} s in all. Top-level, by cumulative time:",
               "", "| module | cumulative (s) |", "|---|---|"]
     lines += [f"| {m['name']} | {m['cumulative_s']:.2f} |" for m in r["imports_top"]]
