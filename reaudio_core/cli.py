@@ -153,6 +153,8 @@ def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
 
 
 def cmd_generate(args) -> int:
+    from . import timings
+    timings.begin()  # "start": the process's age so far (interpreter start-up, imports)
     from .audio import save_wav
     from .config import save_config
     from .generate import flag_overrides, load_pipeline, neighbour_lines, print_notes, slug
@@ -171,6 +173,7 @@ def cmd_generate(args) -> int:
         raise ReaudioError(f"{len(prompts)} prompts need an output directory, not the file {out}")
     check_writable(out, "-o", folder=not single)
     pipe = load_pipeline(args, overrides)
+    timings.mark("build")
     result = pipe(prompts, progress=not args.quiet)
     print_notes(result.warnings, _SHOWN)
     out_dir = out.parent if single else out
@@ -189,6 +192,7 @@ def cmd_generate(args) -> int:
         Path(str(out) + ".config.yaml").write_text(yaml.safe_dump(pipe.cfg, sort_keys=False), encoding="utf-8")
     else:
         save_config(pipe.cfg, out_dir)
+    timings.report("write", args.timings)
     return 0
 
 
@@ -401,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--png", action="store_true", help="also write a mel-spectrogram PNG per clip")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--timings", action="store_true", help="print the wall time of each stage (reaudio_core.timings)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="a local web page that keeps the models loaded (docs/serve.md)")
@@ -478,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_longtail)
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
-    p.add_argument("which", choices=["retrievers", "generation", "training", "checks", "threads", "serve"])
+    p.add_argument("which", choices=["retrievers", "generation", "training", "checks", "threads", "serve", "engines"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser

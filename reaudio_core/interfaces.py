@@ -31,10 +31,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # annotations only: the contracts import no torch, so `reaudio --help` / `plugins` stay light
+    import numpy as np
+    import torch
 
 SAMPLE_RATE = 16_000
 
@@ -168,6 +169,7 @@ class Conditioning:
 
     def cat(self, other: "Conditioning") -> "Conditioning":
         """Batch-concatenate two conditionings (for batched classifier-free guidance)."""
+        import torch
         return self._map(lambda a, b: torch.cat([a, b], 0), other)
 
     def rows(self, index: torch.Tensor) -> "Conditioning":

@@ -29,7 +29,46 @@ def require(module: str, extra: str | None, feature: str, package: str | None = 
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        package = package or module.partition(".")[0]
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        alternative = f"; or {alternative}" if alternative else ""
-        raise ReaudioError(f"{feature} needs {package} ({reason}): {install_hint(extra, package)}{alternative}") from None
+        raise _missing(module, extra, feature, package, alternative, exc) from None
+
+
+def _missing(module: str, extra: str | None, feature: str, package: str | None, alternative: str,
+             exc: Exception) -> ReaudioError:
+    package = package or module.partition(".")[0]
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    alternative = f"; or {alternative}" if alternative else ""
+    return ReaudioError(f"{feature} needs {package} ({reason}): {install_hint(extra, package)}{alternative}")
+
+
+class LazyModule:
+    """A module imported on first attribute access; :func:`lazy` returns one."""
+
+    def __init__(self, module: str, load):
+        self._name, self._load, self._module = module, load, None
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        if self._module is None:
+            self._module = self._load()
+        return getattr(self._module, attr)
+
+    def __repr__(self) -> str:
+        return f"<lazy module {self._name!r}{' (imported)' if self._module is not None else ''}>"
+
+
+def lazy(module: str, extra: str | None, feature: str, package: str | None = None,
+         alternative: str = "") -> LazyModule:
+    """:func:`require` deferred to first use, for a plugin module's top level: whether ``module`` is installed
+    is checked now (``importlib.util.find_spec``, nothing is imported), so a plugin whose dependency is
+    missing still fails to load with :func:`require`'s one line; the import itself (seconds for a native
+    library) happens when an attribute is first read, so listing plugins imports none of them."""
+    from importlib.util import find_spec
+    try:
+        found = find_spec(module) is not None
+        error: Exception = ModuleNotFoundError(f"No module named {module!r}")
+    except (ImportError, ValueError) as exc:  # a parent package that cannot import
+        found, error = False, exc
+    if not found:
+        raise _missing(module, extra, feature, package, alternative, error)
+    return LazyModule(module, lambda: require(module, extra, feature, package, alternative))

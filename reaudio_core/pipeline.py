@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checks, conditioning
+from . import checks, conditioning, timings
 from .conditioning import feature_key  # noqa: F401  (re-exported: its old home)
 from .config import RECORD_KEY, SLOTS, build, compose, load_config, save_config
 from .interfaces import SAMPLE_RATE, Conditioning
@@ -481,13 +481,17 @@ class ReAudioPipeline:
 
         # 1. text -> retrieve -> encode
         cond, uncond, neighbours = self.condition(cleaned, k)
+        timings.mark("condition")
         # 2. sample candidates: candidate c of prompt p uses seed + c (reproducible per candidate)
         generators = [torch.Generator().manual_seed(seed + c) for _ in cleaned for c in range(candidates)]
         latents = self.sample(cond.repeat_interleave(candidates), uncond.repeat_interleave(candidates), shape,
                               generators, steps, guidance, sampler, gen["eta"], progress, guidance_rescale=rescale)
+        timings.mark("denoise")
         # 3. decode -> vocode
         mels = self.decoder.decode(latents)
+        timings.mark("decode")
         waves = self.vocoder(mels)
+        timings.mark("vocode")
         # 4. keep the best candidate per prompt by audio-text score
         P = len(cleaned)
         waves = waves.reshape(P, candidates, -1)

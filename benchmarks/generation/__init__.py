@@ -36,6 +36,9 @@ Measured, per size:
   start detects that, and ``--bf16 auto`` then skips the bf16 runs beyond size tiny (the report says so);
 * a steps sweep (end to end).
 
+``--startup`` runs only the start-up section instead (``startup.py``): the shipped offline default in fresh
+processes, its stage timer (``generate --timings``) and ``-X importtime``, beside the 3 s overhead target.
+
 The issue's reference numbers (a bare diffusers loop at S, random weights, measured by the issue's author
 on a machine it calls this one) are printed beside the measured S numbers.
 
@@ -43,6 +46,7 @@ on a machine it calls this one) are printed beside the measured S numbers.
                                     [--threads 2] [--encoders minilm|reference] [--bf16 auto|on|off]
                                     [--out DIR]
     reaudio bench generation [same flags]
+    reaudio bench generation --startup [--repeats 3] [--threads 2] [--out DIR]
 
 Writes DIR/generation.md (the printed report), DIR/generation.json (every number) and DIR/generation.png
 (time per stage, stacked; end to end against steps).
@@ -118,6 +122,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--student", action="store_true",
                    help="only the teacher / distilled-student comparison (benchmarks/generation/student.py) -> "
                         "generation-student.{md,json}")
+    p.add_argument("--startup", action="store_true",
+                   help="only the start-up section: the offline default in fresh processes, its stage timer and "
+                        "-X importtime (benchmarks/generation/startup.py; writes startup.md, startup.json)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default benchmarks/results/, with --quick benchmarks/results/quick/)")
     args = p.parse_args(argv)
@@ -162,6 +169,9 @@ def run_student(args, out: Path) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.startup:
+        from .startup import run as run_startup
+        return run_startup(args, REPO)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
