@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import modes
 from .registry import ReaudioError
 
 
@@ -232,6 +233,7 @@ def cmd_generate(args) -> int:
         cfg = compose(args.preset or DEFAULT_GENERATE_PRESET, args.config, overrides)
         check_generation(cfg)
         pipe = ReAudioPipeline.from_config(cfg, db=args.db)
+    pipe.cfg["generation"].update(modes.settings(args))  # --audio / --strength / --mask / --retrieve-from
     result = pipe(prompts, progress=not args.quiet)
     for note in result.warnings:
         if " ".join(str(note).split()) not in _SHOWN:
@@ -456,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=int)
     p.add_argument("--png", action="store_true", help="also write a mel-spectrogram PNG per clip")
     p.add_argument("--quiet", action="store_true")
+    modes.add_arguments(p)  # --audio, --strength, --mask, --retrieve-from
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train the VAE, the retrieval LDM or the vocoder (torchrun for several processes)")
