@@ -120,7 +120,7 @@ def load_input(audio, duration: float) -> tuple[np.ndarray, str, list[str]]:
         wave = wave[:samples]
     elif len(wave) < samples:
         notes.append(f"input clip {name} is {len(wave) / SAMPLE_RATE:.2f} s: padded with silence to {duration:g} s")
-    return M.normalize_waveform(np.ascontiguousarray(wave, dtype=np.float32)), name, notes
+    return np.ascontiguousarray(wave, dtype=np.float32), name, notes  # as loaded: the mel normalises (as training)
 
 
 def parse_mask(mask, duration: float) -> list[tuple[float, float]]:
