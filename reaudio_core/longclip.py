@@ -1,11 +1,13 @@
 """Long clips: a ``duration`` beyond ``generation.max_duration`` as overlapping windows of ``generation.window``
 seconds (null = ``max_duration``; the offline preset: 5.12 s, the length it was trained on).
 
-Window 0 is an ordinary generation. Each later window starts ``window - overlap`` seconds after the previous one
-and is an outpainting of it: its first ``generation.overlap`` seconds are the previous window's last latent
-frames, kept as inpainting keeps the unmasked input (:func:`reaudio_core.modes.blend`), the rest generated.
-Each window is decoded to a log-mel and joined to the clip so far with a linear crossfade over the overlap;
-the joined log-mel is cut to the duration and vocoded once. The windows share the prompt's conditions and the
+Each window's last ``generation.window_trim`` seconds are dropped: a model trained on clips padded at the end
+(the offline preset: 5 s ESC-50 clips in 5.12 s crops) ends every clip in that silence, which would otherwise
+become a gap at each seam. Window 0 is an ordinary generation. Each later window starts ``window - window_trim -
+overlap`` seconds after the previous one and is an outpainting of it: its first ``generation.overlap`` seconds
+are the previous window's last kept latent frames, kept as inpainting keeps the unmasked input
+(:func:`reaudio_core.modes.blend`), the rest generated. Each window is decoded to a log-mel and joined to the clip
+so far with a linear crossfade over the overlap; the joined log-mel is cut to the duration and vocoded once. The windows share the prompt's conditions and the
 candidates' generators (which draw fresh noise per window).
 """
 from __future__ import annotations
@@ -28,22 +30,28 @@ class Windows:
     window_frames: int
     overlap_frames: int  #: mel frames shared by consecutive windows
     compression: int  #: mel frames per latent frame
+    trim_frames: int = 0  #: mel frames dropped at the end of each window
+
+    @property
+    def used(self) -> int:
+        """Mel frames of each window that the clip uses."""
+        return self.window_frames - self.trim_frames
 
     @property
     def hop(self) -> int:
-        return self.window_frames - self.overlap_frames
+        return self.used - self.overlap_frames
 
     @property
     def count(self) -> int:
-        return 1 + max(0, -(-(self.frames - self.window_frames) // self.hop))
+        return 1 + max(0, -(-(self.frames - self.used) // self.hop))
 
     @property
     def record(self) -> dict:
         """What ran: the window and overlap and each window's span in the clip, in seconds."""
-        spans = [[M.frames_to_seconds(i * self.hop), M.frames_to_seconds(min(i * self.hop + self.window_frames,
-                                                                               self.frames))]
+        spans = [[M.frames_to_seconds(i * self.hop), M.frames_to_seconds(min(i * self.hop + self.used, self.frames))]
                  for i in range(self.count)]
-        return {"window": self.window, "overlap": M.frames_to_seconds(self.overlap_frames), "windows": spans}
+        return {"window": self.window, "overlap": M.frames_to_seconds(self.overlap_frames),
+                "window_trim": M.frames_to_seconds(self.trim_frames), "windows": spans}
 
     @property
     def note(self) -> str:
@@ -54,7 +62,7 @@ class Windows:
     def sample(self, pipe, cond, uncond, shape, generators, steps, guidance, sampler, eta, progress,
                guidance_rescale: float = 0.0) -> torch.Tensor:
         """``[B, frames, 64]`` log-mel of the whole clip (module docstring)."""
-        lat = self.overlap_frames // self.compression
+        lat, end = self.overlap_frames // self.compression, self.used // self.compression
         keep = torch.zeros(1, 1, shape[1], 1)
         keep[:, :, :lat] = 1
         latents = mels = None
@@ -62,11 +70,11 @@ class Windows:
             known = None
             if latents is not None:  # outpainting: the previous window's tail is this one's head
                 known = torch.zeros_like(latents)
-                known[:, :, :lat] = latents[:, :, -lat:]
+                known[:, :, :lat] = latents[:, :, end - lat:end]
             latents = pipe.sample(cond, uncond, shape, generators, steps, guidance, sampler, eta, False,
                                   guidance_rescale=guidance_rescale, known=known,
                                   keep=keep if known is not None else None)
-            mel = pipe.decoder.decode(latents)
+            mel = pipe.decoder.decode(latents)[:, :self.used]
             mels = mel if mels is None else crossfade(mels, mel, self.overlap_frames)
         return mels[:, :self.frames]
 
@@ -94,8 +102,12 @@ def plan(pipe, duration: float) -> Windows:
         raise ReaudioError(f"generation.overlap must be a number of seconds between 0 and the window ({window} s), "
                            f"got {overlap!r}")
     lap = M.seconds_to_frames(overlap, exact=False)
+    trim = M.seconds_to_frames(gen["window_trim"], exact=False) if gen.get("window_trim") else 0
+    if trim % comp or trim + lap >= shape[1] * comp:
+        raise ReaudioError(f"generation.window_trim={gen.get('window_trim')} s must be a multiple of "
+                           f"{M.frames_to_seconds(comp):g} s, and with the overlap shorter than the window")
     if lap % comp or lap < comp:
         good = max(comp, lap // comp * comp)
         raise ReaudioError(f"generation.overlap={overlap} s is {lap} mel frames, not a positive multiple of the "
                            f"decoder's {comp}; try {M.frames_to_seconds(good):g} s")
-    return Windows(frames, window, shape[1] * comp, lap, comp)
+    return Windows(frames, window, shape[1] * comp, lap, comp, trim)

@@ -171,7 +171,7 @@ def test_offline_low_strength_stays_near_the_input_high_strength_moves_away(offl
     ref = round_trip(offline, clip, 5.12)
     dist = {s: float((offline("rain", seed=3, audio=clip, strength=s, progress=False).mels - ref).abs().mean())
             for s in (0.2, 0.8)}
-    assert dist[0.2] < 1.0 < 2 * dist[0.2] < dist[0.8]  # mean |log-mel difference| to the VAE round trip
+    assert dist[0.2] < 1.0 and dist[0.8] > 3 * dist[0.2]  # mean |log-mel difference| to the VAE round trip
 
 
 @pytest.mark.slow
@@ -193,3 +193,21 @@ def test_offline_20_second_clip(offline):
     assert len(out.mode["windows"]) == 5 and out.mode["windows"][-1] == [15.36, 20.0]
     quarters = out.waveforms[0].reshape(4, -1).abs().amax(1)
     assert (quarters > 1e-3).all()  # sound in every part, not one window and silence
+
+
+def test_window_trim_and_bad_long_clip_settings(pipe):
+    from reaudio_core.longclip import plan
+    gen = pipe.cfg["generation"]
+    saved = dict(gen)
+    try:
+        gen.update(max_duration=0.32, window=0.32, overlap=0.08, window_trim=0.08)
+        w = plan(pipe, 0.8)  # 32-frame windows using 24, overlapping by 8: starts 0, 16, 32, 48, 64
+        assert (w.used, w.hop, w.count) == (24, 16, 5) and w.record["windows"][-1] == [0.64, 0.8]
+        for key, value, message in [("overlap", 0.32, "between 0"), ("overlap", 0.05, "multiple"),
+                                    ("window", 0.48, "beyond the model"), ("window_trim", 0.3, "shorter than")]:
+            gen.update({"overlap": 0.08, "window": 0.32, "window_trim": 0.08, key: value})
+            with pytest.raises(ReaudioError, match=message):
+                plan(pipe, 0.8)
+    finally:
+        gen.clear()
+        gen.update(saved)
