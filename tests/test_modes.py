@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import yaml
 
 from conftest import make_clip
 from reaudio_core import mel as M
@@ -211,3 +212,17 @@ def test_window_trim_and_bad_long_clip_settings(pipe):
     finally:
         gen.clear()
         gen.update(saved)
+
+
+@pytest.mark.slow  # `reaudio generate` in process, twice
+def test_cli_records_the_mode_and_refuses_a_mask_without_input(tiny_db, clip, tmp_path, capsys):
+    from reaudio_core.cli import main
+    out = tmp_path / "out.wav"
+    assert main(["generate", "rain", "-o", str(out), "--preset", "tiny", "--db", str(tiny_db), "--steps", "2",
+                 "--duration", "0.32", "--audio", str(clip), "--mask", "0.1-0.2", "--strength", "0.8",
+                 "--retrieve-from", "both", "--quiet"]) == 0
+    gen = yaml.safe_load((tmp_path / "out.wav.config.yaml").read_text())["generation"]
+    assert (gen["audio"], gen["mask"], gen["strength"], gen["retrieve_from"]) == (str(clip), "0.1-0.2", 0.8, "both")
+    assert sf.info(str(out)).frames == 32 * 160
+    assert main(["generate", "rain", "-o", str(out), "--preset", "tiny", "--db", str(tiny_db), "--mask", "0-1"]) == 2
+    assert "needs an input clip" in capsys.readouterr().err
