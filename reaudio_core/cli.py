@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .io import check_writable  # noqa: F401  (its old home; every command checks its outputs with it)
+from . import modes
 from .registry import ReaudioError
 
 
@@ -173,6 +174,7 @@ def cmd_generate(args) -> int:
         raise ReaudioError(f"{len(prompts)} prompts need an output directory, not the file {out}")
     check_writable(out, "-o", folder=not single)
     pipe = load_pipeline(args, overrides)
+    pipe.cfg["generation"].update(modes.settings(args))  # --audio / --strength / --mask / --retrieve-from
     timings.mark("build")
     result = pipe(prompts, progress=not args.quiet)
     print_notes(result.warnings, _SHOWN)
@@ -406,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", action="store_true", help="also write a mel-spectrogram PNG per clip")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--timings", action="store_true", help="print the wall time of each stage (reaudio_core.timings)")
+    modes.add_arguments(p)  # --audio, --strength, --mask, --retrieve-from
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="a local web page that keeps the models loaded (docs/serve.md)")
@@ -483,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_longtail)
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/")
-    p.add_argument("which", choices=["retrievers", "generation", "training", "checks", "threads", "serve", "engines"])
+    p.add_argument("which", choices=["retrievers", "generation", "training", "checks", "threads", "serve", "engines", "seams"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser

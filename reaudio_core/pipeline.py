@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checks, conditioning, timings
+from . import checks, conditioning, longclip, modes, timings
 from .conditioning import feature_key  # noqa: F401  (re-exported: its old home)
 from .config import RECORD_KEY, SLOTS, build, compose, load_config, save_config
 from .interfaces import SAMPLE_RATE, Conditioning
@@ -65,6 +65,7 @@ class Generation:
     scores: list[list[float]] = field(default_factory=list)  #: per prompt, re-ranking score per candidate
     sample_rate: int = SAMPLE_RATE
     warnings: list[str] = field(default_factory=list)
+    mode: dict = field(default_factory=dict)  #: what ran: {mode, input, strength, mask, retrieve_from, windows}
 
 
 def noise_schedule(cfg: dict) -> dict:
@@ -362,12 +363,18 @@ class ReAudioPipeline:
             written.append(name)
         return written
 
-    def condition(self, prompts: list[str], k: int) -> tuple[Conditioning, Conditioning, list[list[dict]]]:
+    def condition(self, prompts: list[str], k: int, mode: modes.Mode | None = None
+                  ) -> tuple[Conditioning, Conditioning, list[list[dict]]]:
         """(conditional, unconditional, neighbours) for a batch of prompts (reference section 3), built by
-        :mod:`reaudio_core.conditioning` as training builds them."""
+        :mod:`reaudio_core.conditioning` as training builds them. The neighbours come from the prompt, or from
+        ``mode``'s input clip (``mode.retrieve_from``: :mod:`reaudio_core.modes`)."""
         d, retrieval = self.denoiser, self.cfg["generation"]["retrieval"]
         prompt = self.text_encoder.embed(prompts)
-        neighbours = self.retrieve(prompt, k) if retrieval != "none" else [[] for _ in prompts]
+        source = mode.retrieve_from if mode is not None else "text"
+        neighbours = self.retrieve(prompt, k) if retrieval != "none" and source != "audio" else [[] for _ in prompts]
+        if retrieval != "none" and source != "text":
+            clip = modes.audio_neighbours(self, mode.wave, k)
+            neighbours = [modes.merge(n, clip, k) for n in neighbours]
         empty_prompt, empty_caption = conditioning.empty_text(
             self.text_encoder, self.caption_encoder if d.text_dim is not None else None,
             self.cfg["generation"]["caption_tokens"])
@@ -406,16 +413,21 @@ class ReAudioPipeline:
     @torch.inference_mode()
     def sample(self, cond: Conditioning, uncond: Conditioning, shape, generators: list[torch.Generator],
                steps: int, guidance: float, sampler: str, eta: float, progress: bool = True,
-               guidance_rescale: float = 0.0) -> torch.Tensor:
+               guidance_rescale: float = 0.0, known: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+               strength: float = 1.0) -> torch.Tensor:
         """Classifier-free guidance, both halves in one batched denoiser call; a guidance-distilled denoiser
         (:attr:`~reaudio_core.interfaces.Denoiser.guidance_input`) takes the scale and makes one call of the
         conditional batch instead (``guidance_rescale`` does not apply to it). ``guidance_rescale`` (0..1)
         blends the guided prediction with itself rescaled to the conditional prediction's standard deviation
         per sample (Lin et al. 2023, "Common diffusion noise schedules and sample steps are flawed", sec. 3.4;
-        diffusers' ``rescale_noise_cfg``): 0 is plain guidance."""
+        diffusers' ``rescale_noise_cfg``): 0 is plain guidance.
+
+        ``known`` (a clean latent), ``strength`` and ``keep`` (1 = keep ``known``): audio-to-audio starts from
+        ``known`` noised to ``strength * T``, inpainting keeps ``known`` where ``keep`` is 1 (:mod:`reaudio_core.modes`)."""
         scheduler = make_scheduler(self.cfg, sampler)
         scheduler.set_timesteps(steps)
-        latents = torch.stack([torch.randn(shape, generator=g) for g in generators]) * scheduler.init_noise_sigma
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]) * scheduler.init_noise_sigma
+        timesteps, latents = modes.start(scheduler, noise, known, strength, self.cfg["diffusion"]["num_train_timesteps"])
         one_call = bool(getattr(self.denoiser, "guidance_input", False))  # a distilled student guides itself
         guided = guidance != 1.0 and not one_call
         both = uncond.cat(cond) if guided else cond
@@ -424,7 +436,8 @@ class ReAudioPipeline:
         extra = {"eta": eta} if sampler == "ddim" else {}
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg["generation"]["precision"] == "bf16"
                     else contextlib.nullcontext())
-        for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False)):
+        for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
+            latents = modes.blend(scheduler, latents, known, keep, noise, t)
             x = torch.cat([latents, latents]) if guided else latents
             x = scheduler.scale_model_input(x, t)
             with autocast:
@@ -439,12 +452,17 @@ class ReAudioPipeline:
             if not torch.isfinite(latents).all():
                 raise ReaudioError(f"non-finite latents at step {i + 1}/{steps}: lower the guidance scale, "
                                    "use precision=fp32, or check the weights")
-        return latents
+        return modes.blend(scheduler, latents, known, keep, noise)
 
     @torch.inference_mode()
     def __call__(self, prompts: str | Sequence[str], *, seed: int | None = None, steps: int | None = None,
                  guidance: float | None = None, duration: float | None = None, candidates: int | None = None,
-                 k: int | None = None, sampler: str | None = None, progress: bool = True) -> Generation:
+                 k: int | None = None, sampler: str | None = None, progress: bool = True, audio=None,
+                 strength: float | None = None, mask=None, retrieve_from: str | None = None) -> Generation:
+        """Text-to-audio; with ``audio`` (a path or ``(samples, sample_rate)``) audio-to-audio at ``strength``
+        (0..1) or inpainting of ``mask`` (``[(start, end), ...]`` seconds or ``"1-2,3-4"``), neighbours from
+        ``retrieve_from`` ("text" | "audio" | "both"); a ``duration`` beyond ``generation.max_duration`` is a long
+        clip of overlapping windows. ``None`` = ``generation.<key>``. :mod:`reaudio_core.modes`, :mod:`reaudio_core.longclip`."""
         gen = self.cfg["generation"]
         seed = gen["seed"] if seed is None else seed
         steps = gen["steps"] if steps is None else steps
@@ -475,21 +493,31 @@ class ReAudioPipeline:
         if self.database is not None and k > len(self.database):
             notes.append(f"k={k} is larger than the database ({len(self.database)} items): using k={len(self.database)}")
             k = len(self.database)
-        shape = self.latent_shape(duration)
+        mode = modes.resolve(self, duration, audio, strength, mask, retrieve_from)  # checks; loads and encodes the input
+        windows = longclip.plan(self, duration) if duration > gen["max_duration"] else None
+        shape = self.latent_shape(windows.window if windows else duration)
+        notes += mode.notes + ([windows.note] if windows else [])
         for note in notes:
             warnings.warn(note, stacklevel=2)
 
-        # 1. text -> retrieve -> encode
-        cond, uncond, neighbours = self.condition(cleaned, k)
+        # 1. text (or the input clip) -> retrieve -> encode
+        cond, uncond, neighbours = self.condition(cleaned, k, mode)
         timings.mark("condition")
-        # 2. sample candidates: candidate c of prompt p uses seed + c (reproducible per candidate)
+        # 2. sample candidates: candidate c of prompt p uses seed + c (reproducible per candidate);
+        #    from the input clip's latent (audio-to-audio, inpainting), or window by window (a long clip)
         generators = [torch.Generator().manual_seed(seed + c) for _ in cleaned for c in range(candidates)]
-        latents = self.sample(cond.repeat_interleave(candidates), uncond.repeat_interleave(candidates), shape,
-                              generators, steps, guidance, sampler, gen["eta"], progress, guidance_rescale=rescale)
-        timings.mark("denoise")
-        # 3. decode -> vocode
-        mels = self.decoder.decode(latents)
+        args = (cond.repeat_interleave(candidates), uncond.repeat_interleave(candidates), shape, generators, steps,
+                guidance, sampler, gen["eta"], progress)
+        if windows:
+            mels = windows.sample(self, *args, guidance_rescale=rescale)
+            timings.mark("denoise")
+        else:
+            latents = self.sample(*args, guidance_rescale=rescale, known=mode.known, keep=mode.keep,
+                                  strength=mode.strength)
+            timings.mark("denoise")
+            mels = self.decoder.decode(latents)
         timings.mark("decode")
+        # 3. vocode
         waves = self.vocoder(mels)
         timings.mark("vocode")
         # 4. keep the best candidate per prompt by audio-text score
@@ -507,8 +535,9 @@ class ReAudioPipeline:
         elif candidates > 1:
             notes.append("no reranker configured: keeping the first candidate of each prompt")
         idx = torch.tensor(best)
+        record = {"mode": "long-clip" if windows else mode.name, **mode.record, **(windows.record if windows else {})}
         return Generation(cleaned, waves[torch.arange(P), idx], mels[torch.arange(P), idx], neighbours, scores,
-                          self.vocoder.sample_rate, [*self.notes, *notes])
+                          self.vocoder.sample_rate, [*self.notes, *notes], record)
 
     def reranker_text(self, prompts: list[str]) -> torch.Tensor:
         """Text side of the re-ranking joint space: the text encoder of the reranker's name."""

@@ -7,7 +7,7 @@ REPO = Path(__file__).resolve().parents[1]
 KERNEL = ("interfaces", "hookspecs", "registry", "config", "plugins", "io", "audio", "mel", "checks", "pretrained",
           "optional")
 APPLICATIONS = ("pipeline", "loading", "conditioning", "training", "experiment", "database", "evaluation", "longtail",
-                "cli", "distributed", "diffusers_folder", "testing", "plots")
+                "cli", "distributed", "diffusers_folder", "testing", "plots", "modes", "longclip")
 
 
 def module_imports() -> dict[str, set[str]]:
