@@ -19,11 +19,15 @@ the inverse STFT's frame ``t`` is centred on sample ``160 t``; T + 1 frames span
 samples, so no trimming or padding of the output is needed. The reference mel centres frame ``t`` on
 ``160 t + 80``: the half-hop offset is a linear phase, which the phase head learns in training.
 
-The waveform is clamped to [-1, 1]. Weights: a :meth:`Vocos.save_pretrained` folder (``checkpoint``).
+The waveform is clamped to [-1, 1]. Weights (``checkpoint``): a :meth:`Vocos.save_pretrained` folder, whose
+``config.json`` then defines the sizes (as hifigan's), or a bare ``model.safetensors`` of the given sizes.
 Trains with ``reaudio train`` (``training.stage: vocoder``; mel L1 + multi-resolution STFT, no
 discriminator), e.g. configs/offline-vocos.yaml.
 """
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,12 +35,16 @@ from torch import nn
 from reaudio_core import Pretrained, ReaudioError, SAMPLE_RATE, Vocoder, hookimpl
 from reaudio_core.mel import HOP_LENGTH, N_MELS
 
-from ._ckpt import load_strict, read_weights
+from ._ckpt import load_strict, read_json, read_weights
 
-PARAMS = ("dim", "intermediate_dim", "num_layers", "n_fft", "checkpoint", "device")
+log = logging.getLogger("reaudio")
+
+ARCH_KEYS = ("dim", "intermediate_dim", "num_layers", "n_fft")
+PARAMS = (*ARCH_KEYS, "checkpoint", "device")
 KERNEL = 7
 MAX_MAGNITUDE = 100.0  #: exp(log-magnitude) is clipped here (the paper's 1e2)
 WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
 
 
 class ConvNeXtBlock(nn.Module):
@@ -100,15 +108,22 @@ class Vocos(Pretrained, Vocoder):
         if arch["n_fft"] < 2 * HOP_LENGTH or arch["n_fft"] % 2:
             raise ReaudioError(f"vocos: n_fft must be even and at least twice the hop ({2 * HOP_LENGTH}) so the "
                                f"Hann windows overlap-add without gaps, got {n_fft}")
-        self.arch = arch
-        self.model = VocosNet(**arch)
+        weights = None
         if checkpoint:
-            from pathlib import Path
             path = Path(checkpoint)
             weights = path / WEIGHTS_FILE if path.is_dir() else path
             if not weights.exists():
                 raise ReaudioError(f"vocos checkpoint not found: {weights} (a folder written by save_pretrained / "
                                    "`reaudio train`, e.g. OUT/final/vocoder)")
+            if path.is_dir() and (path / CONFIG_FILE).exists():  # a saved folder states its own sizes (as hifigan)
+                saved = {k: int(v) for k, v in read_json(path / CONFIG_FILE).items() if k in ARCH_KEYS}
+                changed = {k: v for k, v in saved.items() if arch[k] != v}
+                if changed:
+                    log.info("vocos: architecture taken from %s: %s", checkpoint, changed)
+                arch.update(saved)
+        self.arch = arch
+        self.model = VocosNet(**arch)
+        if weights is not None:
             load_strict(self.model, read_weights(weights), f"vocos weights {checkpoint}",
                         hint="Set vocoder.params (dim, intermediate_dim, num_layers, n_fft) to the checkpoint's sizes.")
         self.device = torch.device(device)

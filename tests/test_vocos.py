@@ -44,9 +44,17 @@ def test_bad_parameters_and_input_are_one_line_errors(tmp_path):
         make(checkpoint=str(tmp_path / "none"))
     voc = make()
     voc.save_pretrained(tmp_path / "v")
-    from reaudio_plugins.vocos import Vocos
-    with pytest.raises(ReaudioError, match="checkpoint's sizes"):
-        Vocos.from_pretrained(tmp_path / "v", dim=32)
+    with pytest.raises(ReaudioError, match="checkpoint's sizes"):  # a bare weights file has no sizes of its own
+        make(checkpoint=str(tmp_path / "v" / "model.safetensors"), dim=32)
+
+
+def test_a_saved_folder_states_its_sizes(tmp_path):
+    voc = make(n_fft=320)
+    voc.save_pretrained(tmp_path / "v")
+    mel = torch.randn(1, 5, 64) - 4
+    # vocoder.params.checkpoint=DIR with the registry defaults (dim 512, n_fft 640) builds the saved sizes
+    loaded = get_registry().create("vocoder", "vocos", checkpoint=str(tmp_path / "v"))
+    assert loaded.config() == voc.config() and torch.equal(loaded(mel), voc(mel))
 
 
 def test_trains_with_the_vocoder_stage_on_real_clips_and_exports(tmp_path, shared_data):

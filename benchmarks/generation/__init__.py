@@ -43,6 +43,10 @@ on a machine it calls this one) are printed beside the measured S numbers.
                                     [--threads 2] [--encoders minilm|reference] [--bf16 auto|on|off]
                                     [--out DIR]
     reaudio bench generation [same flags]
+    reaudio bench generation --vocoders [--repeats N] [--threads 2] [--duration S] [--out DIR]
+
+``--vocoders`` runs only the vocoder section (module ``vocoders``): one call of HiFi-GAN V1, Griffin-Lim and
+the Vocos-style ``vocos`` at S size, interleaved rounds, into DIR/vocoders.md and DIR/vocoders.json.
 
 Writes DIR/generation.md (the printed report), DIR/generation.json (every number) and DIR/generation.png
 (time per stage, stacked; end to end against steps).
@@ -114,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast variants: auto (default) runs them where the CPU has fast bf16 (probed at the "
                         "start) and at size tiny; on: always (hours at S on a CPU without AVX512-BF16/AMX); off: never")
+    p.add_argument("--vocoders", action="store_true",
+                   help="only the vocoder section: HiFi-GAN V1, Griffin-Lim and vocos at S size, one call each per "
+                        "interleaved round (benchmarks/generation/vocoders.py; writes OUT/vocoders.md and .json)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default benchmarks/results/, with --quick benchmarks/results/quick/)")
     args = p.parse_args(argv)
@@ -141,6 +148,10 @@ def main(argv=None) -> dict:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
+        if args.vocoders:
+            from . import vocoders
+            out = args.out or (REPO / "benchmarks" / "results" / ("quick" if args.quick else ""))
+            return vocoders.main(out, args.threads, args.repeats, args.duration)
         return run(args)
     finally:
         torch.set_num_threads(previous_threads)
