@@ -38,12 +38,13 @@ def _fad(model, wavs, reference_stats) -> float:
     return frechet_distance(*gaussian(frames), *reference_stats)
 
 
-def _vocode(vocoder, mels):
+def _vocode(vocoder, mels, desc: str):
     """``mels [N, T, 64]`` -> (waveforms [N, T * 160], seconds per clip)."""
     import torch
+    from tqdm import tqdm
     t0 = time.perf_counter()
     with torch.inference_mode():
-        waves = torch.cat([vocoder(m) for m in mels.split(BATCH)])
+        waves = torch.cat([vocoder(m) for m in tqdm(mels.split(BATCH), desc=desc, unit="batch")])
     return waves, (time.perf_counter() - t0) / len(mels)
 
 
@@ -53,8 +54,9 @@ def _generated_mels(pipe, prompts, cache: Path):
         saved = torch.load(cache, weights_only=True)
         if saved["prompts"] == prompts:
             return saved["mels"]
+    from tqdm import tqdm
     mels = []
-    for i in range(0, len(prompts), 10):
+    for i in tqdm(range(0, len(prompts), 10), desc="generate (10 prompts each)", unit="batch"):
         mels.append(pipe(prompts[i:i + 10], seed=0, progress=False).mels)
     mels = torch.cat(mels)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +84,8 @@ def compare(vocos_dir: str, threads: int, limit: int | None = None) -> dict:
     real = [load_audio(settings.DATA / r["file"]) for r in tqdm(rows, desc="read", unit="clip")]
     with torch.inference_mode():
         mels = torch.cat([M.waveform_to_mel(w, frames) for w in real])
-        vae = torch.cat([pipe.decoder.decode(pipe.decoder.encode(m)) for m in mels.split(BATCH)])
+        vae = torch.cat([pipe.decoder.decode(pipe.decoder.encode(m))
+                         for m in tqdm(mels.split(BATCH), desc="VAE round trip", unit="batch")])
     labels = _classify([np.zeros(16000, np.float32)])[0]
     prompts = [label.replace("_", " ") for label in labels][:limit]
     cache = settings.RUNS / "offline-vocoders" / ("generated-mels.pt" if limit is None else f"generated-mels-{limit}.pt")
@@ -102,7 +105,7 @@ def compare(vocos_dir: str, threads: int, limit: int | None = None) -> dict:
                                  "fad": _fad(clf, [torch.as_tensor(w) for w in real], reference)}
     for set_name, (set_mels, targets) in sets.items():
         for voc_name, vocoder in vocoders.items():
-            waves, per_clip = _vocode(vocoder, set_mels)
+            waves, per_clip = _vocode(vocoder, set_mels, f"{set_name} / {voc_name}")
             s = _score(*_classify(list(waves)), targets)
             out["rows"][f"{set_name} / {voc_name}"] = {"top1": s["top1"], "top5": s["top5"],
                                                        "fad": _fad(clf, list(waves), reference),
