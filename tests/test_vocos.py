@@ -83,3 +83,23 @@ def test_trains_with_the_vocoder_stage_on_real_clips_and_exports(tmp_path, share
     assert voc(mel).shape == (1, 1280) and torch.equal(voc(mel), by_config(mel))
     exported = yaml.safe_load((final / "config.yaml").read_text())
     assert exported["vocoder"]["name"] == "vocos" and exported["vocoder"]["params"]["dim"] == TINY["dim"]
+
+
+@pytest.mark.slow  # builds HiFi-GAN V1 at its registry size (55 M parameters)
+def test_vocoder_benchmark_times_the_three_vocoders(tmp_path, capsys):
+    import json
+
+    from reaudio_core.cli import main as cli
+    cli(["bench", "generation", "--vocoders", "--duration", "0.08", "--repeats", "2", "--threads", "1",
+         "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "vocoders.json").read_text())
+    assert result["frames"] == 8 and set(result["rows"]) == {"hifigan", "griffin-lim", "vocos"}
+    rows = result["rows"]
+    assert rows["hifigan"]["ratio_to_hifigan"] == 1.0 and rows["griffin-lim"]["params"] == 0
+    d, i, n_fft = 512, 1536, 640  # embed conv + norm, 8 x (depthwise conv, norm, two linears, layer scale), norm, head
+    block = d * 7 + d + 2 * d + d * i + i + i * d + d + d
+    assert rows["vocos"]["params"] == 64 * d * 7 + d + 2 * d + 8 * block + 2 * d + d * (n_fft + 2) + n_fft + 2
+    assert rows["hifigan"]["params"] > 50e6
+    assert all(len(r["times_s"]) == 2 and r["median_s"] > 0 for r in rows.values())
+    md = (tmp_path / "vocoders.md").read_text()
+    assert "| vocos | dim 512, intermediate_dim 1536, num_layers 8, n_fft 640 | 13.21 M |" in md
