@@ -95,7 +95,8 @@ def compare(vocos_dir: str, threads: int, limit: int | None = None) -> dict:
     sets = {"real-mel": (mels, [r["category"] for r in rows]), "vae": (vae, [r["category"] for r in rows]),
             "generated": (generated, labels[:len(prompts)])}
     weights = Path(vocos_dir) / "model.safetensors"
-    out = {"vocos": str(Path(vocos_dir).resolve()), "vocos_config": vocoders["vocos"].config(),
+    where = Path(vocos_dir).resolve()
+    out = {"vocos": str(where.relative_to(settings.REPO) if where.is_relative_to(settings.REPO) else where), "vocos_config": vocoders["vocos"].config(),
            "vocos_params": sum(p.numel() for p in vocoders["vocos"].model.parameters()),
            "vocos_bytes": weights.stat().st_size if weights.exists() else None, "clips": len(rows), "prompts": len(prompts),
            "classifier": _classifier_name(), "threads": threads,
