@@ -103,3 +103,18 @@ def test_vocoder_benchmark_times_the_three_vocoders(tmp_path, capsys):
     assert all(len(r["times_s"]) == 2 and r["median_s"] > 0 for r in rows.values())
     md = (tmp_path / "vocoders.md").read_text()
     assert "| vocos | dim 512, intermediate_dim 1536, num_layers 8, n_fft 640 | 13.21 M |" in md
+
+
+def test_research_vocoder_table_has_a_row_per_set_and_vocoder():
+    from research.offline_preset.vocoders import markdown
+    row = {"top1": 0.5, "top5": 0.9, "fad": 3.0, "vocoder_s_per_clip": 0.1, "clips": 4}
+    out = {"vocos": "runs/x/final/vocoder", "vocos_config": {**TINY, "n_fft": 640, "checkpoint": None, "device": "cpu"},
+           "vocos_params": 12345, "vocos_bytes": 2_000_000, "classifier": "esc50-classifier", "threads": 1,
+           "seconds_per_clip": 5.12, "clips": 4, "prompts": 4,
+           "rows": {"real clips": {"top1": 1.0, "top5": 1.0, "fad": 0.0},
+                    **{f"{s} / {v}": row for s in ("real-mel", "vae", "generated") for v in ("griffin-lim", "vocos")}}}
+    md = markdown(out)
+    assert "dim 16, intermediate_dim 32, num_layers 2, n_fft 640; 0.01 M parameters, 2.0 MB" in md
+    lines = [line for line in md.splitlines() if line.startswith("| (")]
+    assert len(lines) == 6 and sum("| vocos |" in line for line in lines) == 3
+    assert "| real clips as loaded (no vocoder) | - | 4 | 1.000 | 1.000 | 0.00 | - |" in md
