@@ -47,6 +47,10 @@ on a machine it calls this one) are printed beside the measured S numbers.
                                     [--out DIR]
     reaudio bench generation [same flags]
     reaudio bench generation --startup [--repeats 3] [--threads 2] [--out DIR]
+    reaudio bench generation --vocoders [--repeats N] [--threads 2] [--duration S] [--out DIR]
+
+``--vocoders`` runs only the vocoder section (module ``vocoders``): one call of HiFi-GAN V1, Griffin-Lim and
+the Vocos-style ``vocos`` at S size, interleaved rounds, into DIR/vocoders.md and DIR/vocoders.json.
 
 Writes DIR/generation.md (the printed report), DIR/generation.json (every number) and DIR/generation.png
 (time per stage, stacked; end to end against steps).
@@ -125,6 +129,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--startup", action="store_true",
                    help="only the start-up section: the offline default in fresh processes, its stage timer and "
                         "-X importtime (benchmarks/generation/startup.py; writes startup.md, startup.json)")
+    p.add_argument("--vocoders", action="store_true",
+                   help="only the vocoder section: HiFi-GAN V1, Griffin-Lim and vocos at S size, one call each per "
+                        "interleaved round (benchmarks/generation/vocoders.py; writes OUT/vocoders.md and .json)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default benchmarks/results/, with --quick benchmarks/results/quick/)")
     args = p.parse_args(argv)
@@ -175,6 +182,10 @@ def main(argv=None) -> dict:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
+        if args.vocoders:
+            from . import vocoders
+            out = args.out or (REPO / "benchmarks" / "results" / ("quick" if args.quick else ""))
+            return vocoders.main(out, args.threads, args.repeats, args.duration)
         return run(args)
     finally:
         torch.set_num_threads(previous_threads)
