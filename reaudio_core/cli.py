@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 from .io import check_writable  # noqa: F401  (its old home; every command checks its outputs with it)
-from . import modes
 from .registry import ReaudioError
 
 
@@ -158,7 +157,7 @@ def cmd_generate(args) -> int:
     timings.begin()  # "start": the process's age so far (interpreter start-up, imports)
     from .audio import save_wav
     from .config import save_config
-    from .generate import flag_overrides, load_pipeline, neighbour_lines, print_notes, slug
+    from .generate import flag_overrides, load_pipeline, mode_settings, neighbour_lines, print_notes, slug
     prompts, overrides = _split_overrides(args.items)
     prompts += args.prompt + getattr(args, "after_dashes", [])  # --prompt TEXT and words after `--`: as written
     if args.prompts:
@@ -174,7 +173,7 @@ def cmd_generate(args) -> int:
         raise ReaudioError(f"{len(prompts)} prompts need an output directory, not the file {out}")
     check_writable(out, "-o", folder=not single)
     pipe = load_pipeline(args, overrides)
-    pipe.cfg["generation"].update(modes.settings(args))  # --audio / --strength / --mask / --retrieve-from
+    pipe.cfg["generation"].update(mode_settings(args))  # --audio / --strength / --mask / --retrieve-from
     timings.mark("build")
     result = pipe(prompts, progress=not args.quiet)
     print_notes(result.warnings, _SHOWN)
@@ -344,7 +343,7 @@ def _set_threads(flag: int | None, computes: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .generate import add_model_args
+    from .generate import add_mode_args, add_model_args
     from .serve import add_serve_args
     parser = argparse.ArgumentParser(prog="reaudio", description=__doc__)
     parser.add_argument("--traceback", action="store_true", help="show full tracebacks for errors")
@@ -408,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", action="store_true", help="also write a mel-spectrogram PNG per clip")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--timings", action="store_true", help="print the wall time of each stage (reaudio_core.timings)")
-    modes.add_arguments(p)  # --audio, --strength, --mask, --retrieve-from
+    add_mode_args(p)  # --audio, --strength, --mask, --retrieve-from
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="a local web page that keeps the models loaded (docs/serve.md)")

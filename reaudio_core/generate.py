@@ -92,3 +92,21 @@ def print_notes(notes: Sequence[str], shown: set[str]) -> None:
         if line not in shown:
             shown.add(line)
             print(f"note: {note}", file=sys.stderr)
+
+
+# -- `reaudio generate` flags ----------------------------------------------------------------------------
+def add_mode_args(p) -> None:
+    """The mode flags of ``reaudio generate`` (cli.py; what they do: :mod:`reaudio_core.modes`)."""
+    p.add_argument("--audio", metavar="IN", help="input clip (any rate / channels): audio-to-audio, or inpainting "
+                   "with --mask")
+    p.add_argument("--strength", type=float, metavar="S", help="with --audio: 0 = the input's VAE round trip .. "
+                   "1 = ordinary generation (default 1)")
+    p.add_argument("--mask", metavar="START-END[,...]", help="with --audio: seconds to regenerate (inpainting)")
+    p.add_argument("--retrieve-from", choices=("text", "audio", "both"), help="neighbours from the prompt (text, default), "
+                   "the input clip's audio embedding (audio), or both")
+
+
+def mode_settings(args) -> dict:
+    """The mode flags given, as ``generation`` keys (so the configuration saved beside the output records them)."""
+    flags = {"audio": args.audio, "strength": args.strength, "mask": args.mask, "retrieve_from": args.retrieve_from}
+    return {k: v for k, v in flags.items() if v is not None}

@@ -22,6 +22,7 @@ STREAMS = [(None, None), (TEXT, None), (None, AUDIO), (TEXT, AUDIO)]
 
 def tiny_unet(text_dim=None, audio_dim=None, **kw) -> UNetLDM:
     params = dict(size="tiny", block_out_channels=None, layers_per_block=None, head_width=None, num_heads=None,
+                  guidance_embedding=0,
                   prompt_dim=PROMPT, text_dim=text_dim, audio_dim=audio_dim, in_channels=8, freq_channels=0,
                   checkpoint=None, device="cpu")
     return UNetLDM(**{**params, **kw})
