@@ -229,3 +229,35 @@ def test_fixed_seed_output_is_pinned_to_the_bytes(pipe, tmp_path):
     out = tmp_path / "dog.wav"
     save_wav(out, result.waveforms[0], result.sample_rate)
     assert hashlib.sha256(out.read_bytes()).hexdigest() == PINNED_DOG_WAV_SHA256
+
+
+# -- offline-fast: the distilled student (plugins/weights/offline-fast) -------------------------------------
+FAST = resolve_path("pkg:reaudio_plugins/weights/offline-fast")
+
+
+@pytest.fixture(scope="module")
+def fast_pipe():
+    torch.set_num_threads(2)
+    return ReAudioPipeline.from_preset("offline-fast")
+
+
+def test_offline_fast_ships_only_its_student_and_reads_the_rest_from_offline(fast_pipe):
+    files = [f for f in FAST.rglob("*") if f.is_file()]
+    assert {p.name for p in FAST.iterdir()} == {"config.yaml", "README.md", "denoiser"}
+    assert sum(f.stat().st_size for f in files) <= 24 * 2**20
+    assert not [f for f in files if f.suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl")]
+    repo = Path(__file__).resolve().parents[1]
+    assert (FAST / "README.md").read_text() == (repo / "docs/offline-fast-card.md").read_text()
+    gen, den = fast_pipe.cfg["generation"], fast_pipe.denoiser
+    assert (gen["sampler"], gen["steps"]) == ("ddim-trailing", 4)
+    assert den.guidance_input and den.high.guidance_input and den.low.guidance_input
+    assert Path(den.high.loaded_from) == FAST / "denoiser" / "high"
+    record = fast_pipe.cfg["weights"]
+    assert record["decoder"] == "pkg:reaudio_plugins/weights/offline/decoder"
+    assert fast_pipe.cfg["generation"]["database"] == "pkg:reaudio_plugins/weights/offline/db"
+
+
+@pytest.mark.slow  # preset quality: ten real-size generations, then the classifier
+def test_offline_fast_class_prompts_sound_like_their_class(fast_pipe):
+    """The same check as the teacher's (test_class_prompts_sound_like_their_class) on the 4-step student."""
+    test_class_prompts_sound_like_their_class(fast_pipe)
