@@ -111,6 +111,7 @@ def test_the_target_is_exact_for_an_exact_teacher(kind):
         torch.testing.assert_close(got, x0, rtol=0, atol=2e-3 if i == 0 else 1e-4)
 
 
+@pytest.mark.slow  # two CLI processes, one killed
 def test_resume_continues_the_distillation_bit_for_bit(tmp_path, teacher):
     cfg = T.distill_config(str(teacher), [], [*FAST, "training.max_steps=4"])
     T.train(cfg, tmp_path / "straight", progress=False)
@@ -124,6 +125,7 @@ def test_resume_continues_the_distillation_bit_for_bit(tmp_path, teacher):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
+@pytest.mark.slow  # CLI processes that load the teacher
 def test_distill_refuses_what_it_cannot_do(tmp_path, teacher):
     bad = cli("distill", "--teacher", tmp_path / "nothing", "--out", tmp_path / "o", check=False)
     assert bad.returncode != 0 and "no saved pipeline there" in bad.stderr and "Traceback" not in bad.stderr
