@@ -126,12 +126,10 @@ def diffusers_unet_config(*, block_out_channels, layers_per_block, head_width, p
 
 
 def guidance_features(scale: torch.Tensor, n: int) -> torch.Tensor:
-    """``[B, n]`` sinusoidal features of guidance scales ``[B]`` (scaled by 100 so that the usual 1-10 spread
-    over the frequencies as timesteps do): ``sin`` then ``cos`` of ``100 * scale * 10000^(-j / (n/2))``."""
-    half = n // 2
-    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(half, dtype=torch.float32) / half)
-    args = 100.0 * scale.float()[:, None] * freqs.to(scale.device)[None]
-    return torch.cat([torch.sin(args), torch.cos(args)], 1)
+    """``[B, n]`` sinusoidal features of guidance scales ``[B]``: diffusers' timestep embedding of ``100 * scale``
+    (so that the usual 1-10 spread over the frequencies as timesteps do), ``sin`` then ``cos``."""
+    from diffusers.models.embeddings import get_timestep_embedding
+    return get_timestep_embedding(100.0 * scale.float(), n, flip_sin_to_cos=False, downscale_freq_shift=0)
 
 
 def frequency_maps(n: int, T: int, F: int, dtype=torch.float32, device=None) -> torch.Tensor:

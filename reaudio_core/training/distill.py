@@ -185,7 +185,6 @@ class DistillStage(LdmStage):
             raise ReaudioError("the distill stage needs training.teacher (a saved pipeline: `reaudio distill "
                                "--teacher MODEL`)")
         from ..loading import resolve_path
-        from ..pipeline import SAMPLERS  # noqa: F401  (ddim-trailing lives there)
         self.teacher_dir = resolve_path(t["teacher"])
         if not (self.teacher_dir / "config.yaml").is_file() or not (self.teacher_dir / "denoiser").is_dir():
             raise ReaudioError(f"--teacher {t['teacher']}: not a saved pipeline with a denoiser/ folder "
@@ -225,8 +224,8 @@ class DistillStage(LdmStage):
         if getattr(self.teacher, "guidance_input", False):
             raise ReaudioError(f"{self.teacher_dir}: its denoiser is already guidance-distilled; distil from the "
                                "20-step teacher it came from")
-        for m in ([torch_module(self.teacher, "teacher")] if hasattr(self.teacher, "model") else []):
-            m.requires_grad_(False).eval()
+        if isinstance(getattr(self.teacher, "model", None), nn.Module):  # frozen (the objective holds it outside)
+            self.teacher.model.requires_grad_(False).eval()
         entry = student_entry(cfg["denoiser"]["name"], self.teacher_dir / "denoiser",
                               cfg["training"]["guidance_embedding"])
         reg = get_registry()
