@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from reaudio_core.optional import is_tensor
 from reaudio_core.io import atomic_write  # noqa: F401  (the retrievers' writer, re-exported)
 from reaudio_core.registry import ReaudioError
 
@@ -19,7 +19,7 @@ class ParamError(ReaudioError, ValueError):
 
 def as_matrix(x, dim: int | None = None, what: str = "vectors") -> np.ndarray:
     """``x`` as a C-contiguous float32 ``[N, dim]`` array, with a clear error on a wrong shape."""
-    if torch.is_tensor(x):
+    if is_tensor(x):
         x = x.detach().cpu().numpy()
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
     if x.ndim == 1:

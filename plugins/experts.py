@@ -101,6 +101,11 @@ class ExpertDenoisers(Pretrained, Denoiser):
             out[mask] = expert(latents[mask], timesteps[mask], cond.rows(mask))
         return out
 
+    def route(self, timestep: int):
+        """``low`` below :attr:`boundary`, ``high`` from it on (the expert that computes timestep ``timestep``)."""
+        expert = self.low if int(timestep) < self.boundary else self.high
+        return expert.route(timestep)
+
     def retrieval_parameters(self) -> list[torch.nn.Parameter]:
         """The retrieval-layer parameters of both experts (``high``'s, then ``low``'s; see
         ``UNetLDM.retrieval_parameters``); an expert without that method contributes none."""

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import torch
 
 from .interfaces import SAMPLE_RATE
+from .optional import is_tensor
 
 
 class AudioProblem(Exception):
@@ -20,6 +20,7 @@ class AudioProblem(Exception):
 def resample(wav: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     if orig_sr == target_sr:
         return wav
+    import torch
     import torchaudio.functional as AF
     return AF.resample(torch.from_numpy(np.ascontiguousarray(wav)), orig_sr, target_sr).numpy()
 
@@ -55,6 +56,6 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, min_duration: f
 
 
 def save_wav(path: str | Path, wav, sample_rate: int = SAMPLE_RATE) -> None:
-    wav = np.asarray(wav.detach().cpu() if torch.is_tensor(wav) else wav, dtype=np.float32).reshape(-1)
+    wav = np.asarray(wav.detach().cpu() if is_tensor(wav) else wav, dtype=np.float32).reshape(-1)
     from .io import atomic_write  # a temporary file beside it, then renamed: never a half-written WAV
     atomic_write(path, lambda tmp: sf.write(tmp, np.clip(wav, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16"))

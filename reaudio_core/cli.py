@@ -172,8 +172,18 @@ def cmd_generate(args) -> int:
     if single and len(prompts) > 1:
         raise ReaudioError(f"{len(prompts)} prompts need an output directory, not the file {out}")
     check_writable(out, "-o", folder=not single)
+    from . import lite  # generation.engine onnx: a bundle runs without torch (reaudio_core/lite)
+    plan = lite.plan(args, prompts, overrides)
+    if plan.bundle is not None and (plan.bundle / "manifest.json").is_file():
+        return lite.generate(args, prompts, plan, out, single, _SHOWN, args.thread_count)
+    _apply_threads(args.thread_count)
     pipe = load_pipeline(args, overrides)
     pipe.cfg["generation"].update(mode_settings(args))  # --audio / --strength / --mask / --retrieve-from
+    if plan.engine == "onnx":  # its first run: export the bundle, then generate from it
+        plan = lite.export_for(pipe, plan)
+        if plan.engine == "onnx":
+            return lite.generate(args, prompts, plan, out, single, _SHOWN, args.thread_count)
+    print_notes([plan.note] if plan.note else [], _SHOWN)
     timings.mark("build")
     result = pipe(prompts, progress=not args.quiet)
     print_notes(result.warnings, _SHOWN)
@@ -310,8 +320,9 @@ def _busy_note() -> str | None:
     two threads took 12.2 s per offline generation and one thread 5.2 s (OMP_WAIT_POLICY=ACTIVE;
     benchmarks/results/threads.md). Not switched automatically: the thread count changes the last bits of
     the output, and the same command with the same seed must give the same file."""
-    import torch
-    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    torch = sys.modules.get("torch")  # not imported yet (reaudio generate decides its engine first): its default
+    cores = os.cpu_count() or 1
+    threads = torch.get_num_threads() if torch is not None else int(os.environ.get("OMP_NUM_THREADS") or cores)
     try:
         load = os.getloadavg()[0]
     except OSError:
@@ -319,27 +330,35 @@ def _busy_note() -> str | None:
     if threads <= 1 or load < cores:  # the 1-minute average lags: only a machine whose every core is taken
         return None
     free = max(1, int(cores - load + 0.5))
-    return (f"the machine is busy (load average {load:.1f} on {cores} cores) and torch uses {threads} threads: "
+    return (f"the machine is busy (load average {load:.1f} on {cores} cores) and this command uses {threads} threads: "
             f"--threads {free} (or {THREADS_ENV}={free}) may be several times faster")
 
 
-def _set_threads(flag: int | None, computes: bool = False) -> None:
+def _set_threads(flag: int | None, computes: bool = False, apply: bool = True) -> int | None:
     """``--threads N``, else ``$REAUDIO_THREADS``, else torch's default (every core, or ``OMP_NUM_THREADS``),
-    with a note from :func:`_busy_note` for a command that computes."""
+    with a note from :func:`_busy_note` for a command that computes. Returns N (None: the default); ``apply``
+    False leaves torch alone (``reaudio generate`` applies it once it knows its engine: :func:`_apply_threads`)."""
     value = flag if flag is not None else os.environ.get(THREADS_ENV)
     if value is None:
         note = _busy_note() if computes and not os.environ.get("OMP_NUM_THREADS") else None
         if note:
             print(f"reaudio: note: {note}", file=sys.stderr)
-        return
+        return None
     try:
         n = int(value)
     except ValueError:
         raise ReaudioError(f"{THREADS_ENV}={value!r} is not a whole number of threads") from None
     if n < 1:
         raise ReaudioError(f"threads must be >= 1, got {n}")
-    import torch
-    torch.set_num_threads(n)
+    if apply:
+        _apply_threads(n)
+    return n
+
+
+def _apply_threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+        torch.set_num_threads(n)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -405,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "seed / name columns; -o is a folder, resumable, with manifest.csv (docs/serve.md)")
     add_model_args(p)
     p.add_argument("--png", action="store_true", help="also write a mel-spectrogram PNG per clip")
+    p.add_argument("--engine", choices=("torch", "onnx"), help="generation.engine: onnx runs exported graphs without "
+                   "torch (docs/fast.md; the first run exports them)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--timings", action="store_true", help="print the wall time of each stage (reaudio_core.timings)")
     add_mode_args(p)  # --audio, --strength, --mask, --retrieve-from
@@ -545,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, target, list(getattr(args, target) or []) + extra)
     import warnings
     try:
-        _set_threads(getattr(args, "threads", None), computes=hasattr(args, "threads"))
+        args.thread_count = _set_threads(getattr(args, "threads", None), computes=hasattr(args, "threads"),
+                                         apply=args.command != "generate")
         with warnings.catch_warnings(), _library_messages():  # a warning is one line too: "reaudio: warning: ..."
             warnings.showwarning = _one_line_warning
             return args.func(args) or 0

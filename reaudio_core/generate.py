@@ -12,7 +12,7 @@ from .registry import ReaudioError
 
 DEFAULT_PRESET = "offline"
 MAX_CANDIDATES = 64  #: all candidates of all prompts are sampled in one batch: more is a memory error, not a result
-FLAGS = ("seed", "steps", "guidance", "duration", "candidates")  #: flags that are ``generation.<flag>`` overrides
+FLAGS = ("seed", "steps", "guidance", "duration", "candidates", "engine")  #: flags that are ``generation.<flag>`` overrides
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

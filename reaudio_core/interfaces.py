@@ -204,6 +204,12 @@ class Denoiser(ABC):
         :attr:`guidance_input`). A batch doubled with :meth:`Conditioning.cat` (batched guidance) gives the
         same rows. ``T`` or ``F`` not a multiple of :attr:`downsample` raises ``ReaudioError``."""
 
+    def route(self, timestep: int) -> "Denoiser":
+        """The denoiser that computes this one's output at ``timestep`` on its own: ``self``, unless it dispatches
+        on the timestep (``experts`` returns its expert). Tools that trace a denoiser (the ONNX export,
+        :mod:`reaudio_core.lite`) trace each distinct route once. Contract: same output as ``self`` at ``timestep``."""
+        return self
+
 
 class Decoder(ABC):
     """Mel <-> latent autoencoder (the VAE). Latents returned by :meth:`encode` are already

@@ -72,3 +72,10 @@ def lazy(module: str, extra: str | None, feature: str, package: str | None = Non
     if not found:
         raise _missing(module, extra, feature, package, alternative, error)
     return LazyModule(module, lambda: require(module, extra, feature, package, alternative))
+
+
+def is_tensor(x) -> bool:
+    """``torch.is_tensor(x)`` without importing torch: no torch imported yet means ``x`` is not a tensor."""
+    import sys
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.is_tensor(x)

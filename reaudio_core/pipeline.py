@@ -139,6 +139,7 @@ class ReAudioPipeline:
         gen = cfg["generation"]
         if gen["retrieval"] not in RETRIEVAL_TYPES:
             raise ReaudioError(f"generation.retrieval must be one of {RETRIEVAL_TYPES}, got {gen['retrieval']!r}")
+        gen["engine"] = "torch"  # what runs: this class is the torch engine (reaudio_core/lite is the ONNX one)
         self._check_wiring()
 
     # -- construction -------------------------------------------------------------------

@@ -5,6 +5,10 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import tempfile  # noqa: E402
+
+# the ONNX engine's bundles (reaudio_core/lite): one cache per test session, never the user's
+os.environ["REAUDIO_CACHE"] = tempfile.mkdtemp(prefix="reaudio-test-cache-")
 
 from pathlib import Path  # noqa: E402
 
@@ -61,20 +65,38 @@ def clip_factory(tmp_path):
     return factory
 
 
-@pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory):
-    """The tiny preset's pipeline over a three-clip database (tests/test_batch.py, tests/test_serve.py)."""
-    import torch
-
+def tiny_database(root: Path, settings=()):
+    """A three-clip database (a dog, rain, bells) of the tiny preset with ``settings`` overrides, in ``root/db``;
+    returns the composed configuration."""
     from reaudio_core.config import compose
     from reaudio_core.database import build_database
-    from reaudio_core.pipeline import ReAudioPipeline
-    root = tmp_path_factory.mktemp("tiny3")
     rows = ["path,caption,label"]
     for i, caption in enumerate(["a dog barking", "rain falling on a roof", "church bells ringing"]):
         make_clip(root / f"c{i}.wav", seconds=1.5, freq=200 + 150 * i, seed=i)
         rows.append(f"c{i}.wav,{caption},{caption.split()[1]}")
     (root / "m.csv").write_text("\n".join(rows) + "\n")
-    build_database([root / "m.csv"], root / "db", compose("tiny"), progress=False)
+    cfg = compose("tiny", [], list(settings))
+    build_database([root / "m.csv"], root / "db", cfg, progress=False)
+    return cfg
+
+
+def single_torch_thread():
+    """A generator for a module fixture: torch on one intra-op thread inside, restored after (tiny models are as
+    fast on one, and far faster on a busy machine)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """The tiny preset's pipeline over a three-clip database (tests/test_batch.py, tests/test_serve.py)."""
+    import torch
+
+    from reaudio_core.pipeline import ReAudioPipeline
+    root = tmp_path_factory.mktemp("tiny3")
+    cfg = tiny_database(root)
     torch.manual_seed(0)
-    return ReAudioPipeline.from_config(compose("tiny"), db=root / "db")
+    return ReAudioPipeline.from_config(cfg, db=root / "db")

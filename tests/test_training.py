@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, make_clip
+from conftest import REPO, make_clip, single_torch_thread
 from reaudio_core import ReaudioError
 from reaudio_core import training as T
 from reaudio_core.config import compose
@@ -55,10 +55,7 @@ def log_rows(out: Path) -> list[dict]:
 def one_thread():
     """One torch thread in this process (and OMP_NUM_THREADS=1 in subprocesses): on a shared 2-core
     machine, two spinning OpenMP threads per process make tiny models 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from single_torch_thread()
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from conftest import single_torch_thread
 from reaudio_core import Conditioning, ReaudioError
 from reaudio_plugins.unet_ldm import (UNetLDM, build_unet, convert_audioldm_unet_state_dict, diffusers_unet_config,
                                       ema_key, frequency_maps)
@@ -140,10 +141,7 @@ def execution_order(model, *args, **kwargs):
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models: one intra-op thread is as fast, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from single_torch_thread()
 
 
 @pytest.fixture(scope="module")

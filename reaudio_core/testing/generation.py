@@ -76,6 +76,14 @@ def _den_guidance_layout(ctx):
     _same(both[:len(x)], _den_out(ctx), "a doubled batch (Conditioning.cat) changes the rows", atol=1e-5)
 
 
+def _den_route(ctx):
+    x, t, cond = _den_inputs(ctx)
+    for i in range(len(x)):
+        route = ctx.component.route(int(t[i]))
+        _same(route(x[i:i + 1], t[i:i + 1], cond.rows(torch.tensor([i]))), _den_out(ctx)[i:i + 1],
+              f"route({int(t[i])}) computes other values than the denoiser at timestep {int(t[i])}", atol=1e-5)
+
+
 def _den_bad_size(ctx):
     x, t, cond = _den_inputs(ctx)
     for axis, cut in (("T", x[:, :, :-1]), ("F", x[..., :-1])):
@@ -99,6 +107,7 @@ DENOISER_RULES = [
     Rule("timesteps", "the output depends on the timesteps", _den_timesteps),
     Rule("prompt", "the output depends on Conditioning.prompt", _den_prompt),
     Rule("guidance-layout", "a batch doubled with Conditioning.cat gives the same rows", _den_guidance_layout),
+    Rule("route", "route(t) alone gives the denoiser's output at timestep t (what the ONNX export traces)", _den_route),
     Rule("bad-size", "latents whose T or F is not a multiple of downsample raise ReaudioError", _den_bad_size),
     Rule("save-load", "from_pretrained(save_pretrained) gives identical outputs", _den_round_trip),
 ]

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from reaudio_core.io import replace_dir
 
 from . import settings
@@ -73,12 +75,42 @@ def _timed_denoiser(pipe, clock: list) -> None:
     pipe.denoiser = Timed()
 
 
-def _command_seconds(preset: str, out: Path) -> float:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def _command_seconds(preset: str, out: Path, *extra: str) -> float:
+    """One ``reaudio generate "a dog barks" --preset PRESET`` in a fresh process (ONNX bundles cached in runs/)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "REAUDIO_CACHE": str(settings.RUNS / "fast-check" / "cache")}
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "reaudio_core.cli", "generate", "a dog barks", "-o", str(out), "--preset",
-                    preset, "--quiet"], check=True, cwd=settings.REPO, env=env, stdout=subprocess.DEVNULL)
+                    preset, "--quiet", *extra], check=True, cwd=settings.REPO, env=env, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
+
+
+class _Engine:
+    """The ONNX engine's runner (what ``reaudio generate --preset offline-fast`` runs) called like a pipeline, its
+    denoiser calls timed into ``clock[0]``."""
+
+    def __init__(self, bundle: Path, clock: list):
+        from reaudio_core.lite.run import Lite
+        self.lite, self.clock = Lite(bundle), clock
+        g = self.lite.cfg["generation"]
+        self.cfg = {"generation": {**g, "engine": "onnx"}, "_model": str(bundle)}
+        inner = self.lite.denoise
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                clock[0] += time.perf_counter() - t0
+        self.lite.denoise = timed
+        self.denoiser = type("D", (), {"guidance_input": True})()
+
+    def __call__(self, prompts, seed=None, progress=False):
+        import torch
+        g = self.cfg["generation"]
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        waves = [self.lite(p, seed=g["seed"] if seed is None else seed, steps=g["steps"], guidance=g["guidance"],
+                           duration=g["duration"], k=g["k"])[0] for p in prompts]
+        return type("G", (), {"waveforms": torch.from_numpy(np.stack(waves))})()
 
 
 def fast_check(args) -> None:
@@ -103,18 +135,31 @@ def fast_check(args) -> None:
     models = {"teacher": ReAudioPipeline.from_preset("offline"),
               "student": (ReAudioPipeline.from_pretrained(args.model) if args.model
                           else ReAudioPipeline.from_preset("offline-fast"))}
+    tmp = settings.RUNS / "fast-check"
+    tmp.mkdir(parents=True, exist_ok=True)
+    export_s = None
+    if not args.model:  # the command's engine: its first run exports the ONNX bundle (timed apart), later runs use it
+        shutil.rmtree(tmp / "cache", ignore_errors=True)
+        export_s = _command_seconds("offline-fast", tmp / "export.wav")
+        import yaml
+        bundle = Path(yaml.safe_load((tmp / "export.wav.config.yaml").read_text())["weights"]["onnx_bundle"])
+        models["student-onnx"] = None  # opened after the clocks exist
     results = {"classifier": _classifier_name(), "sample_rate": 16000, "seeds": seeds,
                "prompts": "the 50 ESC-50 class names, underscores as spaces", "clips_per_model": len(targets),
                "fad_reference": f"the {len(rows)} real ESC-50 fold-4 clips (esc50-classifier frames)",
                "threads": torch.get_num_threads(), "load_average_start": os.getloadavg()[0]}
     clocks = {name: [0.0] for name in models}
+    if "student-onnx" in models:
+        models["student-onnx"] = _Engine(bundle, clocks["student-onnx"])
+        results["export_s"] = export_s
     waves = {name: [] for name in models}
     wall = {name: 0.0 for name in models}
     for name, pipe in models.items():
-        _timed_denoiser(pipe, clocks[name])
+        if not isinstance(pipe, _Engine):
+            _timed_denoiser(pipe, clocks[name])
         results[name] = {"generation": {k: pipe.cfg["generation"][k] for k in ("sampler", "steps", "guidance", "k",
-                                                                                "retrieval", "duration")},
-                         "model": str(pipe.cfg["generation"]["model"]),
+                                                                                "retrieval", "duration", "engine")},
+                         "model": str(pipe.cfg["generation"]["model"] or pipe.cfg.get("_model")),
                          "one_call_per_step": bool(getattr(pipe.denoiser, "guidance_input", False))}
     for seed in seeds:  # interleaved: each prompt batch by the teacher, then by the student
         for i in range(0, len(prompts), 10):
@@ -141,43 +186,52 @@ def fast_check(args) -> None:
     for name in models:
         results[name]["denoise_s_one_clip"] = statistics.median(one[name])
     # whole command (a fresh process each): interleaved pairs
-    cmd = {"offline": [], "offline-fast": []}
-    tmp = settings.RUNS / "fast-check"
-    tmp.mkdir(parents=True, exist_ok=True)
-    for _ in range(args.repeats or 3):
-        for preset in cmd:
-            cmd[preset].append(_command_seconds(preset, tmp / f"{preset}.wav"))
+    commands = {"teacher": ("offline",), "student": ("offline-fast", "--engine", "torch"),
+                "student-onnx": ("offline-fast",)}  # the last is the preset as shipped: its engine is onnx
+    commands = {k: v for k, v in commands.items() if k in models}
+    cmd = {name: [] for name in commands}
+    for _ in range(args.repeats or 3):  # interleaved
+        for name, c in commands.items():
+            cmd[name].append(_command_seconds(c[0], tmp / f"{name}.wav", *c[1:]))
     results["command_s"] = {k: statistics.median(v) for k, v in cmd.items()}
     results["command_runs"] = cmd
     results["load_average_end"] = os.getloadavg()[0]
-    t, s = results["teacher"], results["student"]
+    t = results["teacher"]
+    shipped = "student-onnx" if "student-onnx" in models else "student"  # what `reaudio generate --preset` runs
+    s = results[shipped]
     results["ratios"] = {"denoise_speedup": t["denoise_s_one_clip"] / s["denoise_s_one_clip"],
-                         "denoise_speedup_batch10": t["denoise_s_per_clip"] / s["denoise_s_per_clip"],
-                         "command_speedup": results["command_s"]["offline"] / results["command_s"]["offline-fast"],
+                         "denoise_speedup_torch": t["denoise_s_one_clip"] / results["student"]["denoise_s_one_clip"],
+                         "denoise_speedup_batch10": t["denoise_s_per_clip"] / results["student"]["denoise_s_per_clip"],
+                         "command_speedup": results["command_s"]["teacher"] / results["command_s"][shipped],
+                         "command_speedup_torch": results["command_s"]["teacher"] / results["command_s"]["student"],
                          "top1_diff": s["top1"] - t["top1"], "top5_diff": s["top5"] - t["top5"],
-                         "fad_ratio": s["fad"] / t["fad"]}
+                         "fad_ratio": s["fad"] / t["fad"], "compared": shipped}
     settings.RESULTS.mkdir(parents=True, exist_ok=True)
     (settings.RESULTS / "offline-fast.json").write_text(json.dumps(results, indent=2))
     r = results["ratios"]
-    md = [f"Teacher: the offline preset; student: {s['model']} ({s['generation']['steps']} "
-          f"{s['generation']['sampler']} steps, one denoiser call per step with the guidance scale as input). "
+    md = [f"Teacher: the offline preset; student: {results['student']['model']} ({s['generation']['steps']} "
+          f"{s['generation']['sampler']} steps, one denoiser call per step with the guidance scale as input), on torch "
+          f"(`--engine torch`, the Python API) and on the ONNX engine (the preset's default in `reaudio generate`; "
+          f"its first command exported the bundle in {results.get('export_s') or 0:.1f} s, not counted). "
           f"Classifier: {results['classifier']}; 16 kHz; {len(targets)} clips per model (50 class prompts x "
           f"{n_seeds} seeds), 5.12 s each, guidance {t['generation']['guidance']}; FAD against "
-          f"{results['fad_reference']}. {results['threads']} torch threads; load average "
+          f"{results['fad_reference']}. {results['threads']} threads; load average "
           f"{results['load_average_start']:.1f} at the start, {results['load_average_end']:.1f} at the end.", "",
-          "| model | steps | denoiser calls | denoising s, one clip (median) | denoising s/clip, batches of 10 | "
+          "| model | engine | steps | denoiser calls | denoising s, one clip (median) | denoising s/clip, batches of 10 | "
           "pipeline call s/clip, batches of 10 | whole command s (`reaudio generate`, median) | top-1 | top-5 | FAD |",
-          "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
-    for name, preset in (("teacher", "offline"), ("student", "offline-fast")):
+          "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for name in models:
         m = results[name]
         kind = "batch 1" if m["one_call_per_step"] else "batch 2: guidance batched"
-        md.append(f"| {name} ({preset}) | {m['generation']['steps']} | {m['generation']['steps']} ({kind}) "
-                  f"| {m['denoise_s_one_clip']:.3f} | {m['denoise_s_per_clip']:.3f} | {m['call_s_per_clip']:.3f} "
-                  f"| {results['command_s'][preset]:.2f} "
+        preset = "offline" if name == "teacher" else "offline-fast"
+        md.append(f"| {name.split('-')[0]} ({preset}) | {m['generation']['engine']} | {m['generation']['steps']} "
+                  f"| {m['generation']['steps']} ({kind}) | {m['denoise_s_one_clip']:.3f} | {m['denoise_s_per_clip']:.3f} "
+                  f"| {m['call_s_per_clip']:.3f} | {results['command_s'][name]:.2f} "
                   f"| {m['top1']:.3f} | {m['top5']:.3f} | {m['fad']:.2f} |")
-    md += ["", f"Student against teacher: denoising one clip {r['denoise_speedup']:.1f}x faster (target >= 8x; "
-           f"{r['denoise_speedup_batch10']:.1f}x in batches of 10), whole command "
-           f"{r['command_speedup']:.2f}x (target >= 2x), top-1 {r['top1_diff']:+.3f} and top-5 {r['top5_diff']:+.3f} "
-           f"(target within 0.05), FAD x{r['fad_ratio']:.3f} (target within 10%)."]
+    md += ["", f"`reaudio generate --preset offline-fast` ({shipped}) against the teacher: denoising one clip "
+           f"{r['denoise_speedup']:.1f}x faster (target >= 8x; the student on torch {r['denoise_speedup_torch']:.1f}x, "
+           f"{r['denoise_speedup_batch10']:.1f}x in batches of 10), whole command {r['command_speedup']:.2f}x "
+           f"(target >= 2x; on torch {r['command_speedup_torch']:.2f}x), top-1 {r['top1_diff']:+.3f} and top-5 "
+           f"{r['top5_diff']:+.3f} (target within 0.05), FAD x{r['fad_ratio']:.3f} (target within 10%)."]
     (settings.RESULTS / "offline-fast.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
