@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import unicodedata
 from typing import Sequence
 
 from .registry import ReaudioError
@@ -13,6 +14,26 @@ from .registry import ReaudioError
 DEFAULT_PRESET = "offline"
 MAX_CANDIDATES = 64  #: all candidates of all prompts are sampled in one batch: more is a memory error, not a result
 FLAGS = ("seed", "steps", "guidance", "duration", "candidates", "engine")  #: flags that are ``generation.<flag>`` overrides
+
+
+MAX_PROMPT_CHARS = 2000
+
+
+def clean_prompt(prompt: str) -> tuple[str, list[str]]:
+    """Normalise a prompt; reject empty ones; truncate absurdly long ones (with a warning)."""
+    if not isinstance(prompt, str):
+        raise ReaudioError(f"a prompt must be text, got {type(prompt).__name__}")
+    notes = []
+    text = unicodedata.normalize("NFC", prompt)
+    text = "".join(ch if unicodedata.category(ch)[0] != "C" or ch in "\t\n" else " " for ch in text)
+    text = " ".join(text.split())
+    if not text:
+        raise ReaudioError(f"empty prompt {prompt!r}: describe the sound to generate")
+    if len(text) > MAX_PROMPT_CHARS:
+        notes.append(f"prompt of {len(text)} characters truncated to {MAX_PROMPT_CHARS} "
+                     "(text encoders also truncate to their token limit)")
+        text = text[:MAX_PROMPT_CHARS]
+    return text, notes
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

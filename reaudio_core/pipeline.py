@@ -28,7 +28,6 @@ import contextlib
 import copy
 import dataclasses
 import logging
-import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 
 from . import checks, conditioning, longclip, modes, timings
 from .conditioning import feature_key  # noqa: F401  (re-exported: its old home)
+from .generate import MAX_PROMPT_CHARS, clean_prompt  # noqa: F401  (re-exported: its old home)
 from .config import RECORD_KEY, SLOTS, build, compose, load_config, save_config
 from .interfaces import SAMPLE_RATE, Conditioning
 from .loading import (_asked_weights, _baselines, _load_slot, _ref, _retriever_change, _sources, _sync,  # noqa: F401
@@ -52,7 +52,6 @@ log = logging.getLogger("reaudio")
 
 RETRIEVAL_TYPES = ("none", "audio", "text", "audio+text")
 WEIGHTED_SLOTS = ("denoiser", "decoder", "vocoder", "audio_encoder")
-MAX_PROMPT_CHARS = 2000
 
 
 @dataclass
@@ -103,23 +102,6 @@ def prediction_type(cfg: dict) -> str:
     if kind not in PREDICTION_TYPES:
         raise ReaudioError(f"diffusion.prediction_type must be one of {PREDICTION_TYPES}, got {kind!r}")
     return kind
-
-
-def clean_prompt(prompt: str) -> tuple[str, list[str]]:
-    """Normalise a prompt; reject empty ones; truncate absurdly long ones (with a warning)."""
-    if not isinstance(prompt, str):
-        raise ReaudioError(f"a prompt must be text, got {type(prompt).__name__}")
-    notes = []
-    text = unicodedata.normalize("NFC", prompt)
-    text = "".join(ch if unicodedata.category(ch)[0] != "C" or ch in "\t\n" else " " for ch in text)
-    text = " ".join(text.split())
-    if not text:
-        raise ReaudioError(f"empty prompt {prompt!r}: describe the sound to generate")
-    if len(text) > MAX_PROMPT_CHARS:
-        notes.append(f"prompt of {len(text)} characters truncated to {MAX_PROMPT_CHARS} "
-                     "(text encoders also truncate to their token limit)")
-        text = text[:MAX_PROMPT_CHARS]
-    return text, notes
 
 
 class ReAudioPipeline:

@@ -172,20 +172,18 @@ def generate(args, prompts: list[str], p: Plan, out: Path, single: bool, shown: 
     from .. import timings
     from ..audio import save_wav
     from ..config import save_config
-    from ..generate import neighbour_lines, slug
+    from ..generate import clean_prompt, neighbour_lines, print_notes, slug
     from .run import Lite
     lite = Lite(p.bundle, threads=threads)
     gen = resolve(lite, p)
     timings.mark("build")
     out_dir = out.parent if single else out
     out_dir.mkdir(parents=True, exist_ok=True)
-    for i, prompt in enumerate(prompts):
-        text = " ".join(prompt.split())
-        if not text:
-            raise ReaudioError("empty prompt: describe the sound to generate")
+    cleaned = [clean_prompt(prompt) for prompt in prompts]
+    print_notes([n for _, notes in cleaned for n in notes], shown)
+    for i, (text, _) in enumerate(cleaned):
         wave, mel, neighbours = lite(text, seed=gen["seed"], steps=gen["steps"], guidance=float(gen["guidance"]),
                                      duration=float(gen["duration"]), k=gen["k"])
-        timings.mark("generate")
         path = out if single else out_dir / f"{i:02d}_{slug(text)}.wav"
         save_wav(path, wave, 16000)
         print(f"{path}  <- {text!r}")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import timings
 from ..registry import ReaudioError
 from .griffinlim import griffin_lim
 
@@ -214,12 +215,16 @@ class Lite:
             k = len(self.items)
         # 1. text -> retrieve -> the neighbours' cached features
         cond, uncond, neighbours = self.condition(prompt, k)
+        timings.mark("condition")
         # 2. sample
         latents = self.sample(cond, uncond, self.latent_shape(duration), seed, steps, guidance)
+        timings.mark("denoise")
         # 3. decode, vocode
         mel = self.decoder.run(None, {"latents": latents})[0]
+        timings.mark("decode")
         v = self.m["vocoder"]
         wave = griffin_lim(mel, self.arrays["mel_pinv"], int(v["n_iter"]), float(v["momentum"]))
+        timings.mark("vocode")
         return wave[0], mel[0], neighbours
 
 
