@@ -39,6 +39,8 @@ Stages (each can be run alone; each resumes or skips what is already done):
   retrieval: from which noise level does the model lose the class? -> docs/results/offline-renoise.{md,json}
 * ``fast``    - ``reaudio distill`` of the shipped model with configs/offline-fast.yaml into runs/offline-fast, then
   the student's denoiser (half precision) with the preset's config.yaml into ``plugins/weights/offline-fast/``.
+* ``fast-sweep`` - the offline-fast student on the ONNX engine at other step counts and guidance scales ->
+  docs/results/offline-fast-sweep.{md,json}
 * ``fast-check`` - the offline preset (teacher) against offline-fast (student, or ``--model DIR``) in one run:
   denoising and whole-command wall time, classifier top-1 / top-5 over the 50 class prompts x ``--seeds``
   (default 2), FAD against the real clips -> docs/results/offline-fast.{md,json}
@@ -59,14 +61,15 @@ STAGES = {"train": stages.train, "package": stages.package, "experts": stages.ex
           "check": checks.check, "demo": checks.demo, "ceiling": checks.ceiling, "vae-l1": checks.vae_l1,
           "heldout": experiments.heldout, "conditional": experiments.conditional,
           "renoise": experiments.renoise, "diagnose": experiments.diagnose,
-          "fast": fast.fast, "fast-check": fast.fast_check}
+          "fast": fast.fast, "fast-check": fast.fast_check, "fast-sweep": fast.fast_sweep}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m research.offline_preset", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["all", "train", "package", "check", "ceiling", "conditional", "vae-l1", "diagnose",
-                                         "heldout", "renoise", "experts", "demo", "fast", "fast-check"])
+                                         "heldout", "renoise", "experts", "demo", "fast", "fast-check",
+                                         "fast-sweep"])
     p.add_argument("--procs", type=int, default=2, help="torchrun processes for the LDM stage (default 2)")
     p.add_argument("--seeds", type=int, default=None,
                    help="seeds per prompt: check (default 1; other than 1 appends -seeds<N> to its result files), "

@@ -235,3 +235,47 @@ def fast_check(args) -> None:
            f"{r['top5_diff']:+.3f} (target within 0.05), FAD x{r['fad_ratio']:.3f} (target within 10%)."]
     (settings.RESULTS / "offline-fast.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+
+
+SWEEP = [(4, 5.0), (4, 3.0), (4, 4.0), (4, 7.0), (8, 5.0)]  #: (steps, guidance); the preset's first
+
+
+def fast_sweep(args) -> None:
+    """The shipped student on the ONNX engine at other step counts and guidance scales (the same 50 class prompts x
+    2 seeds, classifier and FAD reference as fast-check) -> docs/results/offline-fast-sweep.{md,json}."""
+    import csv
+
+    import yaml
+
+    from reaudio_core.audio import load_audio
+    from reaudio_core.evaluation import frechet_distance, gaussian
+    tmp = settings.RUNS / "fast-check"
+    tmp.mkdir(parents=True, exist_ok=True)
+    _command_seconds("offline-fast", tmp / "sweep.wav")  # the bundle (exported once per cache)
+    bundle = Path(yaml.safe_load((tmp / "sweep.wav.config.yaml").read_text())["weights"]["onnx_bundle"])
+    labels = _classify([np.zeros(16000, np.float32)])[0]
+    prompts = [label.replace("_", " ") for label in labels]
+    seeds = list(range(args.seeds or 2))
+    rows = list(csv.DictReader(open(settings.DATA / "metadata.csv", encoding="utf-8")))
+    clf = _classifier()
+    mu_r, sig_r = gaussian(np.concatenate(clf.embed_frames([load_audio(settings.DATA / r["file"]) for r in rows])))
+    engine = _Engine(bundle, [0.0])
+    results = []
+    for steps, guidance in SWEEP:
+        engine.cfg["generation"].update(steps=steps, guidance=guidance)
+        waves = [w for seed in seeds for w in engine(prompts, seed=seed).waveforms]
+        _, probs = _classify(waves)
+        score = _score(labels, probs, [t for _ in seeds for t in labels])
+        mu, sig = gaussian(np.concatenate(clf.embed_frames([w.numpy() for w in waves])))
+        results.append({"steps": steps, "guidance": guidance, "top1": score["top1"], "top5": score["top5"],
+                        "fad": frechet_distance(mu, sig, mu_r, sig_r)})
+        print(results[-1], flush=True)
+    (settings.RESULTS / "offline-fast-sweep.json").write_text(json.dumps(results, indent=2))
+    md = [f"The shipped offline-fast student on the ONNX engine (`reaudio generate --preset offline-fast`), "
+          f"{_classifier_name()}, 16 kHz, 50 class prompts x {len(seeds)} seeds = {len(seeds) * 50} clips of 5.12 s "
+          f"per row, FAD against the 400 real ESC-50 fold-4 clips. Command: `python -m research.offline_preset "
+          f"fast-sweep`. The teacher (20 DPM-Solver++ steps, guidance 5): docs/results/offline-fast.md.", "",
+          "| steps | guidance | top-1 | top-5 | FAD |", "|--:|--:|--:|--:|--:|"]
+    md += [f"| {r['steps']} | {r['guidance']:g} | {r['top1']:.3f} | {r['top5']:.3f} | {r['fad']:.2f} |" for r in results]
+    (settings.RESULTS / "offline-fast-sweep.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
