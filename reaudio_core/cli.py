@@ -160,7 +160,9 @@ def cmd_generate(args) -> int:
     from .generate import flag_overrides, load_pipeline, mode_settings, neighbour_lines, print_notes, slug
     prompts, overrides = _split_overrides(args.items)
     prompts += args.prompt + getattr(args, "after_dashes", [])  # --prompt TEXT and words after `--`: as written
+    threads = getattr(args, "thread_count", None)  # --threads / $REAUDIO_THREADS, applied once the engine is known
     if args.prompts:
+        _apply_threads(threads)
         from .batch import run_batch
         return run_batch(args, prompts, overrides, shown=_SHOWN)
     if not prompts:
@@ -175,14 +177,14 @@ def cmd_generate(args) -> int:
     from . import lite  # generation.engine onnx: a bundle runs without torch (reaudio_core/lite)
     plan = lite.plan(args, prompts, overrides)
     if plan.bundle is not None and (plan.bundle / "manifest.json").is_file():
-        return lite.generate(args, prompts, plan, out, single, _SHOWN, args.thread_count)
-    _apply_threads(args.thread_count)
+        return lite.generate(args, prompts, plan, out, single, _SHOWN, threads)
+    _apply_threads(threads)
     pipe = load_pipeline(args, overrides)
     pipe.cfg["generation"].update(mode_settings(args))  # --audio / --strength / --mask / --retrieve-from
     if plan.engine == "onnx":  # its first run: export the bundle, then generate from it
         plan = lite.export_for(pipe, plan)
         if plan.engine == "onnx":
-            return lite.generate(args, prompts, plan, out, single, _SHOWN, args.thread_count)
+            return lite.generate(args, prompts, plan, out, single, _SHOWN, threads)
     print_notes([plan.note] if plan.note else [], _SHOWN)
     timings.mark("build")
     result = pipe(prompts, progress=not args.quiet)

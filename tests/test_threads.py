@@ -52,3 +52,17 @@ def test_bad_thread_counts_are_one_line(threads_set, monkeypatch, capsys, tmp_pa
     assert cli.main(["generate", "a dog", "-o", str(tmp_path / "x.wav"), "--preset", "tiny"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("reaudio: error:") and "thread" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_generate_applies_the_thread_flag_once_it_knows_its_engine(threads_set, tmp_path, batch):
+    """`reaudio generate` leaves torch alone until it has planned its engine (the ONNX engine imports no torch),
+    then applies --threads for a torch run, one-shot and batch alike."""
+    out = ["-o", str(tmp_path / ("out" if batch else "x.wav"))]
+    if batch:
+        (tmp_path / "p.txt").write_text("a dog\n")
+        out = ["--prompts", str(tmp_path / "p.txt"), *out]
+    else:
+        out = ["a dog", *out]
+    assert cli.main(["generate", *out, "--preset", "tiny", "--threads", "1", "generation.retrieval=none"]) == 0
+    assert threads_set == [1]
