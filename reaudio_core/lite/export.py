@@ -10,6 +10,7 @@ and neighbour-stream lengths, and checked against the torch modules on the trace
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -175,7 +176,7 @@ def export_bundle(pipe, out: str | Path, request: dict | None = None) -> Path:
         raise ReaudioError("this pipeline cannot run on the ONNX engine: " + "; ".join(why))
     cfg, gen = pipe.cfg, pipe.cfg["generation"]
     out = Path(out)
-    tmp = out.with_name(f".tmp-{out.name}")
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")  # two first runs at once each write their own
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     k = int(gen["k"])
