@@ -155,9 +155,7 @@ def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
 def cmd_generate(args) -> int:
     from . import timings
     timings.begin()  # "start": the process's age so far (interpreter start-up, imports)
-    from .audio import save_wav
-    from .config import save_config
-    from .generate import flag_overrides, load_pipeline, mode_settings, neighbour_lines, print_notes, slug
+    from .generate import flag_overrides, load_pipeline, mode_settings, print_notes, write_clip, write_config
     prompts, overrides = _split_overrides(args.items)
     prompts += args.prompt + getattr(args, "after_dashes", [])  # --prompt TEXT and words after `--`: as written
     threads = getattr(args, "thread_count", None)  # --threads / $REAUDIO_THREADS, applied once the engine is known
@@ -189,22 +187,11 @@ def cmd_generate(args) -> int:
     timings.mark("build")
     result = pipe(prompts, progress=not args.quiet)
     print_notes(result.warnings, _SHOWN)
-    out_dir = out.parent if single else out
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out.parent if single else out).mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(result.prompts):
-        path = out if single else out_dir / f"{i:02d}_{slug(prompt)}.wav"
-        save_wav(path, result.waveforms[i], result.sample_rate)
-        print(f"{path}  <- {prompt!r}")
-        for line in neighbour_lines(result.neighbours[i]):
-            print(line)
-        if args.png:
-            from .plots import save_mel_png
-            save_mel_png(path.with_suffix(".png"), result.mels[i], prompt, [n["caption"] for n in result.neighbours[i]])
-    if single:  # the resolved configuration beside the artefact
-        import yaml
-        Path(str(out) + ".config.yaml").write_text(yaml.safe_dump(pipe.cfg, sort_keys=False), encoding="utf-8")
-    else:
-        save_config(pipe.cfg, out_dir)
+        write_clip(out, single, i, prompt, result.waveforms[i], result.mels[i], result.neighbours[i],
+                   result.sample_rate, args.png)
+    write_config(out, single, pipe.cfg)
     timings.report("write", args.timings)
     return 0
 

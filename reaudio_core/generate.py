@@ -36,6 +36,58 @@ def clean_prompt(prompt: str) -> tuple[str, list[str]]:
     return text, notes
 
 
+def latent_shape(duration: float, max_duration: float, latent_channels: int, compression: int, downsample: int,
+                 mel_fps: int) -> tuple[int, int, int]:
+    """``(C, T, F)`` of the latent a ``duration``-second clip needs (the decoder's ``compression`` and the
+    denoiser's ``downsample``, ``mel_fps`` mel frames per second), or :class:`ReaudioError` naming the nearest
+    durations that fit. Both engines' (``ReAudioPipeline.latent_shape``, :mod:`reaudio_core.lite.run`)."""
+    if not math.isfinite(duration) or duration <= 0:
+        raise ReaudioError(f"duration must be > 0 seconds, got {duration}")
+    if duration > max_duration:
+        raise ReaudioError(f"duration {duration} s is beyond this model's limit of {max_duration} s")
+    frames = duration * mel_fps
+    step = compression * downsample
+    if abs(frames - round(frames / step) * step) > 1e-6:
+        lo = max(step, int(frames // step) * step)
+        raise ReaudioError(f"duration {duration} s is {frames:g} mel frames, not a multiple of {step} "
+                           f"(decoder x{compression} times denoiser x{downsample}); try "
+                           f"{lo / mel_fps:g} s or {(lo + step) / mel_fps:g} s")
+    return latent_channels, int(round(frames)) // compression, 64 // compression
+
+
+def write_clip(out, single: bool, i: int, prompt: str, wave, mel, neighbours: list[dict], sample_rate: int,
+               png: bool):
+    """One clip of ``reaudio generate -o OUT`` written (OUT itself, or ``OUT/NN_<slug>.wav``), its neighbours
+    printed, and with ``png`` its spectrogram beside it. Returns the path."""
+    from pathlib import Path
+
+    from .audio import save_wav
+    out = Path(out)
+    path = out if single else out / f"{i:02d}_{slug(prompt)}.wav"
+    save_wav(path, wave, sample_rate)
+    print(f"{path}  <- {prompt!r}")
+    for line in neighbour_lines(neighbours):
+        print(line)
+    if png:
+        from .plots import save_mel_png
+        save_mel_png(path.with_suffix(".png"), mel, prompt, [n["caption"] for n in neighbours])
+    return path
+
+
+def write_config(out, single: bool, cfg: dict) -> None:
+    """The resolved configuration beside the output: ``OUT.config.yaml`` for one file, ``OUT/config.yaml`` for a
+    folder."""
+    from pathlib import Path
+
+    import yaml
+
+    from .config import save_config
+    if single:
+        Path(str(out) + ".config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    else:
+        save_config(cfg, Path(out))
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The flags that choose a model and its generation defaults (``generate`` and ``serve``)."""
     p.add_argument("--preset", default=None, help=f"named preset (default: {DEFAULT_PRESET})")

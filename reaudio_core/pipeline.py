@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import checks, conditioning, longclip, modes, timings
 from .conditioning import feature_key  # noqa: F401  (re-exported: its old home)
-from .generate import MAX_PROMPT_CHARS, clean_prompt  # noqa: F401  (re-exported: its old home)
+from .generate import MAX_PROMPT_CHARS, clean_prompt, latent_shape  # noqa: F401  (MAX_PROMPT_CHARS: re-exported)
 from .config import RECORD_KEY, SLOTS, build, compose, load_config, save_config
 from .interfaces import SAMPLE_RATE, Conditioning
 from .loading import (_asked_weights, _baselines, _load_slot, _ref, _retriever_change, _sources, _sync,  # noqa: F401
@@ -379,19 +379,9 @@ class ReAudioPipeline:
 
     # -- sampling -----------------------------------------------------------------------
     def latent_shape(self, duration: float) -> tuple[int, int, int]:
-        gen, dec, den = self.cfg["generation"], self.decoder, self.denoiser
-        if not np.isfinite(duration) or duration <= 0:
-            raise ReaudioError(f"duration must be > 0 seconds, got {duration}")
-        if duration > gen["max_duration"]:
-            raise ReaudioError(f"duration {duration} s is beyond this model's limit of {gen['max_duration']} s")
-        frames = duration * MEL_FPS
-        step = dec.compression * den.downsample
-        if abs(frames - round(frames / step) * step) > 1e-6:
-            lo = max(step, int(frames // step) * step)
-            raise ReaudioError(f"duration {duration} s is {frames:g} mel frames, not a multiple of {step} "
-                               f"(decoder x{dec.compression} times denoiser x{den.downsample}); try "
-                               f"{lo / MEL_FPS:g} s or {(lo + step) / MEL_FPS:g} s")
-        return dec.latent_channels, int(round(frames)) // dec.compression, 64 // dec.compression
+        dec, den = self.decoder, self.denoiser
+        return latent_shape(duration, self.cfg["generation"]["max_duration"], dec.latent_channels, dec.compression,
+                            den.downsample, MEL_FPS)
 
     @torch.inference_mode()
     def sample(self, cond: Conditioning, uncond: Conditioning, shape, generators: list[torch.Generator],

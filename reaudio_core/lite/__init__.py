@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from ..interfaces import SAMPLE_RATE
 from ..registry import ReaudioError, registry_path
 
 CACHE_ENV = "REAUDIO_CACHE"
@@ -160,9 +161,7 @@ def resolve(lite, p: Plan) -> dict:
     check_generation({"generation": {**lite.cfg["generation"], **gen}, "diffusion": lite.cfg["diffusion"]})
     if not isinstance(gen["k"], int) or isinstance(gen["k"], bool) or gen["k"] < 1:
         raise ReaudioError(f"k must be >= 1, got {gen['k']!r}")
-    if gen["duration"] > lite.cfg["generation"]["max_duration"]:
-        raise ReaudioError(f"duration {gen['duration']} s is beyond this model's limit of "
-                           f"{lite.cfg['generation']['max_duration']} s")
+    lite.latent_shape(float(gen["duration"]))  # a duration the model cannot take, refused before generating
     return gen
 
 
@@ -170,32 +169,18 @@ def generate(args, prompts: list[str], p: Plan, out: Path, single: bool, shown: 
     """``reaudio generate`` on the ONNX engine: each prompt's clip (and ``--png``), the neighbours printed, the
     configuration saved beside the output."""
     from .. import timings
-    from ..audio import save_wav
-    from ..config import save_config
-    from ..generate import clean_prompt, neighbour_lines, print_notes, slug
+    from ..generate import clean_prompt, print_notes, write_clip, write_config
     from .run import Lite
     lite = Lite(p.bundle, threads=threads)
     gen = resolve(lite, p)
     timings.mark("build")
-    out_dir = out.parent if single else out
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out.parent if single else out).mkdir(parents=True, exist_ok=True)
     cleaned = [clean_prompt(prompt) for prompt in prompts]
     print_notes([n for _, notes in cleaned for n in notes], shown)
     for i, (text, _) in enumerate(cleaned):
         wave, mel, neighbours = lite(text, seed=gen["seed"], steps=gen["steps"], guidance=float(gen["guidance"]),
                                      duration=float(gen["duration"]), k=gen["k"])
-        path = out if single else out_dir / f"{i:02d}_{slug(text)}.wav"
-        save_wav(path, wave, 16000)
-        print(f"{path}  <- {text!r}")
-        for line in neighbour_lines(neighbours):
-            print(line)
-        if args.png:
-            from ..plots import save_mel_png
-            save_mel_png(path.with_suffix(".png"), mel, text, [n["caption"] for n in neighbours])
-    cfg = configuration(lite, p, gen)
-    if single:
-        Path(str(out) + ".config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    else:
-        save_config(cfg, out_dir)
+        write_clip(out, single, i, text, wave, mel, neighbours, SAMPLE_RATE, args.png)
+    write_config(out, single, configuration(lite, p, gen))
     timings.report("write", args.timings)
     return 0

@@ -19,6 +19,7 @@ import torch
 
 from ..interfaces import Conditioning
 from ..io import replace_dir
+from ..mel import MEL_FPS
 from ..registry import ReaudioError
 
 OPSET = 17
@@ -164,7 +165,8 @@ def _decoder(pipe, shape, out: Path) -> dict:
     call = _Call(lambda z: dec.decode(z), [getattr(dec, "model", None)]).eval()
     _export(call, (latents,), ["latents"], {"latents": {0: "batch", 2: "frames"}}, out / "decoder.onnx")
     _check(out / "decoder.onnx", call, (latents,), ["latents"], "decoder")
-    return {"graph": "decoder.onnx", "latent_channels": int(dec.latent_channels), "compression": int(dec.compression)}
+    return {"graph": "decoder.onnx", "latent_channels": int(dec.latent_channels), "compression": int(dec.compression),
+            "mel_fps": MEL_FPS}
 
 
 def export_bundle(pipe, out: str | Path, request: dict | None = None) -> Path:

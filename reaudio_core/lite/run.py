@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import timings
+from ..generate import latent_shape
 from ..registry import ReaudioError
 from .griffinlim import griffin_lim
 
 FORMAT = 1
-MEL_FPS = 100
 
 
 def _session(path: Path, threads: int | None):
@@ -203,11 +203,8 @@ class Lite:
 
     def latent_shape(self, duration: float) -> tuple[int, int, int]:
         dec, den = self.m["decoder"], self.m["denoiser"]
-        frames = duration * MEL_FPS
-        step = dec["compression"] * den["downsample"]
-        if abs(frames - round(frames / step) * step) > 1e-6:
-            raise ReaudioError(f"duration {duration} s is {frames:g} mel frames, not a multiple of {step}")
-        return dec["latent_channels"], int(round(frames)) // dec["compression"], 64 // dec["compression"]
+        return latent_shape(duration, self.cfg["generation"]["max_duration"], dec["latent_channels"],
+                            dec["compression"], den["downsample"], dec["mel_fps"])
 
     def __call__(self, prompt: str, *, seed: int, steps: int, guidance: float, duration: float, k: int):
         """``(waveform [samples] float32 at 16 kHz, log-mel [T, 64], neighbours)`` for one prompt."""
