@@ -48,9 +48,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "reaudio")
 
 
-def _layers(args, overrides) -> tuple[list[dict], list[str]]:
+def _layers(args, overrides) -> tuple[list[dict], list[str], str]:
     """The configuration layers that can name an engine, lowest first (defaults, preset, files, overrides), read
-    without the registry; and the ``--config`` files' texts (for the key)."""
+    without the registry; the ``--config`` files' texts (for the key); the preset they name."""
     from ..config import parse_dotlist
     from ..generate import DEFAULT_PRESET
     catalogue = yaml.safe_load(registry_path().read_text(encoding="utf-8")) or {}
@@ -62,7 +62,7 @@ def _layers(args, overrides) -> tuple[list[dict], list[str]]:
         if isinstance(layer, dict) and "preset" in layer:
             preset = layer["preset"]
     layers = [catalogue.get("defaults") or {}, (catalogue.get("presets") or {}).get(preset) or {}, *file_layers, *dots]
-    return [x for x in layers if isinstance(x, dict)], files
+    return [x for x in layers if isinstance(x, dict)], files, preset
 
 
 def _stamp(h, root: Path) -> None:
@@ -96,7 +96,7 @@ def _key(args, overrides: list[str], files: list[str], preset: str | None) -> st
 
 def plan(args, prompts: list[str], overrides: list[str]) -> Plan:
     """Which engine runs this ``reaudio generate``, decided without importing torch."""
-    layers, files = _layers(args, overrides)
+    layers, files, preset = _layers(args, overrides)
     gen: dict = {}
     for layer in layers:
         gen.update(layer.get("generation") or {})
@@ -116,11 +116,13 @@ def plan(args, prompts: list[str], overrides: list[str]) -> Plan:
         why.append("onnxruntime or tokenizers is not installed (pip install onnxruntime tokenizers)")
     if why:
         return Plan(note=f"generation.engine onnx does not cover {', '.join(why)}: this run uses torch")
-    dots = [o for o in overrides if o.partition("=")[0].strip() not in {f"generation.{k}" for k in PER_RUN}]
     from ..config import parse_dotlist
-    per_run = {k: v for o in overrides if o.partition("=")[0].strip() in {f"generation.{k}" for k in PER_RUN}
-               for k, v in parse_dotlist([o])["generation"].items()}
-    preset = next((layer.get("preset") for layer in reversed(layers[2:]) if "preset" in layer), None) or args.preset
+    dots, per_run = [], {}  # overrides that make the bundle (in its key) / generation keys of this run only
+    for o in overrides:
+        if o.partition("=")[0].strip() in {f"generation.{k}" for k in PER_RUN}:
+            per_run.update(parse_dotlist([o])["generation"])
+        else:
+            dots.append(o)
     bundle = cache_dir() / "lite" / _key(args, dots, files, preset)
     if (bundle / UNSUPPORTED_FILE).is_file():
         return Plan(note=f"generation.engine onnx: {(bundle / UNSUPPORTED_FILE).read_text().strip()}: this run uses torch")
@@ -130,11 +132,8 @@ def plan(args, prompts: list[str], overrides: list[str]) -> Plan:
 def export_for(pipe, p: Plan) -> Plan:
     """After the pipeline was built on torch (no bundle yet): export it into ``p.bundle``. What cannot be
     exported is remembered there (the next runs go straight to torch) and returned as a torch plan with a note."""
-    from .export import export_bundle, unsupported
-    why = unsupported(pipe)
-    try:
-        if why:
-            raise ReaudioError("this pipeline cannot run on the ONNX engine: " + "; ".join(why))
+    from .export import export_bundle
+    try:  # a pipeline it does not cover (export.unsupported) is refused before anything is traced
         export_bundle(pipe, p.bundle, request={"per_run": p.per_run})
     except (ReaudioError, RuntimeError) as exc:  # RuntimeError: the exporter's (an untraceable model)
         p.bundle.mkdir(parents=True, exist_ok=True)
