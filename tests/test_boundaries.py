@@ -210,6 +210,44 @@ def test_component_json_and_weights_errors_name_the_file(tmp_path):
         read_weights(tmp_path / "model.safetensors")
 
 
+def test_a_delta_file_reads_back_as_its_base_plus_the_4bit_difference(tmp_path):
+    """write_delta (the offline-fast student against its teacher): read_weights returns float32 weights within
+    half a quantisation step of each group of the difference; what the base lacks is kept in half precision;
+    a changed or missing base file is refused by name."""
+    from safetensors.torch import save_file
+
+    from reaudio_plugins._ckpt import DELTA_SCALE, GROUP, read_weights, write_delta
+    g = torch.Generator().manual_seed(0)
+    base = {"conv.weight": torch.randn(32, 16, 3, 3, generator=g).half(), "norm.weight": torch.randn(100, generator=g)}
+    save_file(base, tmp_path / "base.safetensors")
+    state = {"conv.weight": base["conv.weight"].float() + 0.03 * torch.randn(32, 16, 3, 3, generator=g),
+             "norm.weight": base["norm.weight"] + 0.01, "new.weight": torch.randn(8, 4, generator=g),
+             "step": torch.tensor(3)}
+    (tmp_path / "student").mkdir()
+    write_delta(tmp_path / "student" / "model.safetensors", state, tmp_path / "base.safetensors")
+    back = read_weights(tmp_path / "student" / "model.safetensors")
+    assert back.keys() == state.keys() and back["conv.weight"].dtype == torch.float32
+    assert torch.equal(back["new.weight"], state["new.weight"].half().float()) and back["step"] == 3
+    for k in ("conv.weight", "norm.weight"):
+        d = (state[k] - base[k].float()).reshape(-1)
+        d = torch.cat([d, d.new_zeros(-len(d) % GROUP)]).view(-1, GROUP)
+        step = d.abs().amax(1, keepdim=True) / 7
+        err = (back[k] - state[k]).reshape(-1)
+        err = torch.cat([err, err.new_zeros(-len(err) % GROUP)]).view(-1, GROUP)
+        assert (err.abs() <= 0.51 * step + 1e-6).all() and err.abs().max() > 0, k  # lossy, within half a step
+    from safetensors.torch import load_file
+    raw = load_file(tmp_path / "student" / "model.safetensors")
+    assert raw["conv.weight"].dtype == torch.uint8 and raw["conv.weight"].numel() == 32 * 16 * 9 // 2  # 4 bits
+    import shutil
+    shutil.copy(tmp_path / "student" / "model.safetensors", tmp_path / "moved.safetensors")
+    with pytest.raises(ReaudioError, match="not there"):
+        read_weights(tmp_path / "moved.safetensors")
+    save_file({k: v + 1 for k, v in base.items()}, tmp_path / "base.safetensors")
+    with pytest.raises(ReaudioError, match="has changed since"):
+        read_weights(tmp_path / "student" / "model.safetensors")
+    assert DELTA_SCALE == ".int4_scale"
+
+
 # -- inputs that are not what they should be ------------------------------------------------------------------------
 def test_unknown_preset_missing_manifest_and_folders_given_for_files(tmp_path, clips, capsys):
     out = str(tmp_path / "db")

@@ -125,6 +125,24 @@ def test_resume_continues_the_distillation_bit_for_bit(tmp_path, teacher):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
+def test_a_student_continues_from_a_saved_student(tmp_path, teacher):
+    """training.student_init: the new student starts as that student (here with lr 0 it stays it), on its own
+    grid; a folder that is not a student of this teacher is refused."""
+    from safetensors.torch import load_file
+    T.train(T.distill_config(str(teacher), [], [*FAST, "training.max_steps=2"]), tmp_path / "four", progress=False)
+    first = load_file(tmp_path / "four" / "final" / "denoiser" / "model.safetensors")
+    assert first["time_embedding.cond_proj.weight"].abs().max() > 0  # trained: not the teacher's zero projection
+    T.train(T.distill_config(str(teacher), [], [*FAST, "training.max_steps=1", "training.lr=0",
+                                                 "training.distill_steps=3",
+                                                 f"training.student_init={tmp_path / 'four' / 'final'}"]),
+            tmp_path / "three", progress=False)
+    second = load_file(tmp_path / "three" / "final" / "denoiser" / "model.safetensors")
+    assert second.keys() == first.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    with pytest.raises(ReaudioError, match="not a student of this teacher"):
+        T.train(T.distill_config(str(teacher), [], [*FAST, "training.max_steps=1",
+                                                     f"training.student_init={teacher}"]), tmp_path / "x", progress=False)
+
+
 @pytest.mark.slow  # CLI processes that load the teacher
 def test_distill_refuses_what_it_cannot_do(tmp_path, teacher):
     bad = cli("distill", "--teacher", tmp_path / "nothing", "--out", tmp_path / "o", check=False)

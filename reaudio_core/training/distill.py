@@ -226,8 +226,7 @@ class DistillStage(LdmStage):
                                "20-step teacher it came from")
         if isinstance(getattr(self.teacher, "model", None), nn.Module):  # frozen (the objective holds it outside)
             self.teacher.model.requires_grad_(False).eval()
-        entry = student_entry(cfg["denoiser"]["name"], self.teacher_dir / "denoiser",
-                              cfg["training"]["guidance_embedding"])
+        entry = student_entry(cfg["denoiser"]["name"], self._student_from(cfg), cfg["training"]["guidance_embedding"])
         reg = get_registry()
         params = reg.resolve_params("denoiser", entry["name"], entry["params"])
         self.denoiser = reg.create("denoiser", entry["name"], **params)
@@ -235,6 +234,27 @@ class DistillStage(LdmStage):
             raise ReaudioError(f"denoiser '{entry['name']}' cannot be saved (not a Pretrained component)")
         self.caption_encoder = teacher.caption_encoder if self.denoiser.text_dim else None
         self.audio_encoder = teacher.audio_encoder if self.denoiser.audio_dim else None
+
+    def _student_from(self, cfg) -> Path:
+        """Where the student's weights start: the teacher's denoiser, or ``training.student_init`` (the denoiser
+        folder of a saved student, e.g. a 4-step student continued as an 8-step one)."""
+        init = cfg["training"].get("student_init")
+        if not init:
+            return self.teacher_dir / "denoiser"
+        from ..loading import resolve_path
+        d = resolve_path(init)
+        d = d / "denoiser" if d is not None and (d / "denoiser").is_dir() else d
+        saved = read_json(d / "config.json") if d is not None and (d / "config.json").is_file() else None
+        if saved is None:
+            raise ReaudioError(f"training.student_init={init}: not a saved denoiser (no config.json)")
+        first = read_json(d / "high" / "config.json") if saved.get("high") and (d / "high" / "config.json").is_file() else saved
+        teacher = read_json(self.teacher_dir / "denoiser" / "config.json")
+        if first.get("guidance_embedding") != cfg["training"]["guidance_embedding"] or \
+                {k: v for k, v in saved.items() if k not in ("guidance_embedding", "checkpoint")} != \
+                {k: v for k, v in teacher.items() if k not in ("guidance_embedding", "checkpoint")}:
+            raise ReaudioError(f"training.student_init={init}: not a student of this teacher's denoiser with "
+                               f"guidance_embedding {cfg['training']['guidance_embedding']} (its config.json differs)")
+        return d
 
     def make_objective(self) -> nn.Module:
         t = self.t

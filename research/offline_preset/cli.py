@@ -37,8 +37,9 @@ Stages (each can be run alone; each resumes or skips what is already done):
   the shipped model) -> docs/results/offline-heldout.{json,md}.
 * ``renoise`` - real clips of five classes noised to t0 = 0 ... 1000 and denoised back under their prompt's
   retrieval: from which noise level does the model lose the class? -> docs/results/offline-renoise.{md,json}
-* ``fast``    - ``reaudio distill`` of the shipped model with configs/offline-fast.yaml into runs/offline-fast, then
-  the student's denoiser (half precision) with the preset's config.yaml into ``plugins/weights/offline-fast/``.
+* ``fast``    - ``reaudio distill`` of the shipped model with configs/offline-fast.yaml into runs/offline-fast (4 steps),
+  then configs/offline-fast8.yaml into runs/offline-fast8 (continued on 8 steps), then that student's denoiser (4-bit
+  differences from the teacher's weights) with the preset's config.yaml into ``plugins/weights/offline-fast/``.
 * ``fast-sweep`` - the offline-fast student on the ONNX engine at other step counts and guidance scales ->
   docs/results/offline-fast-sweep.{md,json}
 * ``fast-check`` - the offline preset (teacher) against offline-fast (student, or ``--model DIR``) in one run:

@@ -21,31 +21,36 @@ from .checks import _classifier, _classifier_name, _classify, _score
 from .stages import reaudio
 
 TEACHER = "pkg:reaudio_plugins/weights/offline"
-CONFIG = "configs/offline-fast.yaml"
+#: the distillations, in order: the 4-step student of the shipped model, then the 8-step student continued from it
+#: (training.student_init), which is the shipped preset
+CONFIGS = ("configs/offline-fast.yaml", "configs/offline-fast8.yaml")
 
 
-def _run_dir() -> Path:
-    return settings.RUNS / "offline-fast"
+def _run_dir(config: str = CONFIGS[-1]) -> Path:
+    return settings.RUNS / Path(config).stem
 
 
 def fast(args) -> None:
-    """``reaudio distill`` of the shipped model (configs/offline-fast.yaml), then the student's denoiser in half
-    precision into plugins/weights/offline-fast/ with the preset's config.yaml and model card."""
-    from safetensors.torch import load_file, save_file
+    """``reaudio distill`` of the shipped model (:data:`CONFIGS`, each resumed or skipped when done), then the last
+    student's denoiser, each weight file stored as its 4-bit difference from the teacher's (``write_delta``), into
+    plugins/weights/offline-fast/ with the preset's config.yaml and model card."""
+    from safetensors.torch import load_file
 
     from reaudio_core.config import compose, save_config
-    run = _run_dir()
-    if not (run / "final" / "config.yaml").exists():
-        resume = ["--resume"] if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()) else []
-        reaudio("distill", "--teacher", TEACHER, "--out", str(run), "--config", CONFIG, *resume, procs=args.procs)
+    from reaudio_plugins._ckpt import write_delta
+    for config in CONFIGS:
+        run = _run_dir(config)
+        if not (run / "final" / "config.yaml").exists():
+            resume = ["--resume"] if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()) else []
+            reaudio("distill", "--teacher", TEACHER, "--out", str(run), "--config", config, *resume,
+                    procs=args.procs)
     shipped = settings.SHIPPED.with_name("offline-fast")
     tmp = shipped.with_name(".tmp-offline-fast")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.copytree(run / "final" / "denoiser", tmp / "denoiser")
-    for f in (tmp / "denoiser").rglob("*.safetensors"):  # half precision on disk (loaded back into fp32 modules)
-        tensors = load_file(f)
-        save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, f)
+    for f in (tmp / "denoiser").rglob("*.safetensors"):  # read back as teacher + difference by read_weights
+        write_delta(f, load_file(f), settings.SHIPPED / "denoiser" / f.relative_to(tmp / "denoiser"))
     cfg = compose("offline-fast")
     cfg["generation"]["model"] = None
     save_config(cfg, tmp)
@@ -208,24 +213,36 @@ def fast_check(args) -> None:
                          "fad_ratio": s["fad"] / t["fad"], "compared": shipped}
     settings.RESULTS.mkdir(parents=True, exist_ok=True)
     (settings.RESULTS / "offline-fast.json").write_text(json.dumps(results, indent=2))
-    r = results["ratios"]
+    markdown(results)
+
+
+def markdown(results: dict) -> None:
+    """docs/results/offline-fast.md from fast-check's results (``python -c "import json; from research.offline_preset
+    import fast; fast.markdown(json.load(open('docs/results/offline-fast.json')))"`` rewrites it)."""
+    r, t = results["ratios"], results["teacher"]
+    shipped = r["compared"]
+    s = results[shipped]
+    models = [name for name in ("teacher", "student", "student-onnx") if name in results]
     md = [f"Teacher: the offline preset; student: {results['student']['model']} ({s['generation']['steps']} "
           f"{s['generation']['sampler']} steps, one denoiser call per step with the guidance scale as input), on torch "
           f"(`--engine torch`, the Python API) and on the ONNX engine (the preset's default in `reaudio generate`; "
           f"its first command exported the bundle in {results.get('export_s') or 0:.1f} s, not counted). "
-          f"Classifier: {results['classifier']}; 16 kHz; {len(targets)} clips per model (50 class prompts x "
-          f"{n_seeds} seeds), 5.12 s each, guidance {t['generation']['guidance']}; FAD against "
+          f"Classifier: {results['classifier']}; 16 kHz; {results['clips_per_model']} clips per model (50 class "
+          f"prompts x {len(results['seeds'])} seeds), 5.12 s each, each preset at its own guidance scale; FAD against "
           f"{results['fad_reference']}. {results['threads']} threads; load average "
-          f"{results['load_average_start']:.1f} at the start, {results['load_average_end']:.1f} at the end.", "",
-          "| model | engine | steps | denoiser calls | denoising s, one clip (median) | denoising s/clip, batches of 10 | "
-          "pipeline call s/clip, batches of 10 | whole command s (`reaudio generate`, median) | top-1 | top-5 | FAD |",
-          "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+          f"{results['load_average_start']:.1f} at the start, {results['load_average_end']:.1f} at the end. Whole "
+          f"command runs (s): " + "; ".join(f"{k} {', '.join(f'{x:.2f}' for x in v)}"
+                                            for k, v in results["command_runs"].items()) + ".", "",
+          "| model | engine | steps | guidance | denoiser calls | denoising s, one clip (median) | denoising s/clip, "
+          "batches of 10 | pipeline call s/clip, batches of 10 | whole command s (`reaudio generate`, median) | top-1 "
+          "| top-5 | FAD |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for name in models:
         m = results[name]
         kind = "batch 1" if m["one_call_per_step"] else "batch 2: guidance batched"
         preset = "offline" if name == "teacher" else "offline-fast"
         md.append(f"| {name.split('-')[0]} ({preset}) | {m['generation']['engine']} | {m['generation']['steps']} "
-                  f"| {m['generation']['steps']} ({kind}) | {m['denoise_s_one_clip']:.3f} | {m['denoise_s_per_clip']:.3f} "
+                  f"| {m['generation']['guidance']:g} | {m['generation']['steps']} ({kind}) "
+                  f"| {m['denoise_s_one_clip']:.3f} | {m['denoise_s_per_clip']:.3f} "
                   f"| {m['call_s_per_clip']:.3f} | {results['command_s'][name]:.2f} "
                   f"| {m['top1']:.3f} | {m['top5']:.3f} | {m['fad']:.2f} |")
     md += ["", f"`reaudio generate --preset offline-fast` ({shipped}) against the teacher: denoising one clip "
@@ -237,7 +254,7 @@ def fast_check(args) -> None:
     print("\n".join(md))
 
 
-SWEEP = [(4, 5.0), (4, 3.0), (4, 4.0), (4, 7.0), (8, 5.0)]  #: (steps, guidance); the preset's first
+SWEEP = [(8, 5.0), (8, 4.0), (8, 3.0), (4, 5.0)]  #: (steps, guidance); the preset's first
 
 
 def fast_sweep(args) -> None:
