@@ -180,6 +180,9 @@ def cmd_generate(args) -> int:
     pipe = load_pipeline(args, overrides)
     pipe.cfg["generation"].update(mode_settings(args))  # --audio / --strength / --mask / --retrieve-from
     if plan.engine == "onnx":  # its first run: export the bundle, then generate from it
+        if not args.quiet:
+            print(f"reaudio: first run of this configuration on the ONNX engine: exporting it once (about 20 s) into "
+                  f"{plan.bundle}", file=sys.stderr)
         plan = lite.export_for(pipe, plan)
         if plan.engine == "onnx":
             return lite.generate(args, prompts, plan, out, single, _SHOWN, threads)

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from .registry import ReaudioError
 
-DEFAULT_PRESET = "offline"
+DEFAULT_PRESET = "offline-fast"
 MAX_CANDIDATES = 64  #: all candidates of all prompts are sampled in one batch: more is a memory error, not a result
 FLAGS = ("seed", "steps", "guidance", "duration", "candidates", "engine")  #: flags that are ``generation.<flag>`` overrides
 

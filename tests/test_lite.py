@@ -119,6 +119,7 @@ def test_what_the_engine_does_not_cover_runs_on_torch_with_a_note(kw, overrides,
 
 
 def test_torch_presets_plan_torch_silently_and_a_bad_engine_is_refused():
+    assert lite.plan(_args(preset=None), ["x"], []).engine == "onnx"  # the default preset is offline-fast
     assert lite.plan(_args(preset="offline"), ["x"], []) == lite.Plan()
     assert lite.plan(_args(preset="offline"), ["x"], ["generation.engine=onnx"]).engine == "onnx"
     with pytest.raises(lite.ReaudioError, match="generation.engine must be one of torch, onnx"):
@@ -150,24 +151,25 @@ def test_an_uncovered_pipeline_is_refused_once_then_remembered(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_offline_fast_exports_once_then_runs_without_torch(tmp_path):
-    """The preset's first command exports its bundle; the second runs from it without importing torch and writes
-    the same file (numpy noise on both runs); the configuration beside it records the engine."""
+def test_the_default_offline_fast_exports_once_then_runs_without_torch(tmp_path):
+    """The README's command (the default preset, offline-fast): the first run says it exports its bundle and does;
+    the second runs from it without importing torch and writes the same file (numpy noise on both runs); the
+    configuration beside it records the preset and the engine."""
     env = {**__import__("os").environ, "REAUDIO_CACHE": str(tmp_path / "cache")}
     probe = ("import sys, runpy; sys.argv = ['reaudio'] + sys.argv[1:]; from reaudio_core.cli import main; rc = main(); "
              "print('TORCH', 'torch' in sys.modules); sys.exit(rc)")
     runs = []
     for name in ("a.wav", "b.wav"):
-        cmd = [sys.executable, "-c", probe, "generate", "a dog barks", "-o", str(tmp_path / name), "--preset",
-               "offline-fast", "--seed", "3"]
+        cmd = [sys.executable, "-c", probe, "generate", "a dog barks", "-o", str(tmp_path / name), "--seed", "3"]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
         assert out.returncode == 0, out.stderr
-        runs.append(out.stdout)
+        runs.append(out.stdout + out.stderr)
     assert "TORCH True" in runs[0] and "TORCH False" in runs[1]
+    assert "exporting it once" in runs[0] and "exporting" not in runs[1]
     assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
     import yaml
     cfg = yaml.safe_load((tmp_path / "b.wav.config.yaml").read_text())
-    assert cfg["generation"]["engine"] == "onnx" and cfg["generation"]["seed"] == 3
+    assert cfg["generation"]["engine"] == "onnx" and cfg["generation"]["seed"] == 3 and cfg["preset"] == "offline-fast"
     assert cfg["weights"]["onnx_bundle"].startswith(str(tmp_path / "cache"))
     manifest = json.loads((Path(cfg["weights"]["onnx_bundle"]) / "manifest.json").read_text())
     assert [r[:2] for r in manifest["denoiser"]["routes"]] == [[0, 399], [400, 999]]  # the experts' two routes

@@ -36,7 +36,7 @@ Measured, per size:
   start detects that, and ``--bf16 auto`` then skips the bf16 runs beyond size tiny (the report says so);
 * a steps sweep (end to end).
 
-``--startup`` runs only the start-up section instead (``startup.py``): the shipped offline default in fresh
+``--startup`` runs only the start-up section instead (``startup.py``): the offline and offline-fast presets in fresh
 processes, its stage timer (``generate --timings``) and ``-X importtime``, beside the 3 s overhead target.
 
 The issue's reference numbers (a bare diffusers loop at S, random weights, measured by the issue's author
@@ -127,7 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only the teacher / distilled-student comparison (benchmarks/generation/student.py) -> "
                         "generation-student.{md,json}")
     p.add_argument("--startup", action="store_true",
-                   help="only the start-up section: the offline default in fresh processes, its stage timer and "
+                   help="only the start-up section: the offline and offline-fast presets in fresh processes, the stage timer and "
                         "-X importtime (benchmarks/generation/startup.py; writes startup.md, startup.json)")
     p.add_argument("--vocoders", action="store_true",
                    help="only the vocoder section: HiFi-GAN V1, Griffin-Lim and vocos at S size, one call each per "

@@ -1,5 +1,5 @@
 """Start-up section of the generation benchmark (issue 23, item 3): ``reaudio generate "a dog barks" -o dog.wav``
-of the shipped offline default (20 steps on torch) and of ``--preset offline-fast`` (the 4-step student on the
+of the 20-step ``offline`` preset (on torch) and of ``--preset offline-fast`` (the distilled student, the default, on the
 ONNX engine, reaudio_core/lite), interleaved in fresh processes.
 
 * ``--repeats`` runs of each with ``--timings`` (the stage timer, :mod:`reaudio_core.timings`): medians per stage,
@@ -32,7 +32,7 @@ PROMPT = "a dog barks"
 TOP = 12
 
 
-PRESETS = ("offline", "offline-fast")  #: the default (torch, 20 steps) and the student (ONNX engine, 4 steps)
+PRESETS = ("offline", "offline-fast")  #: the teacher (torch, 20 steps) and the default, its student (ONNX engine)
 
 
 def _command(out: Path, threads: int, preset: str = "offline") -> list[str]:
@@ -107,7 +107,7 @@ def run(args, repo: Path) -> dict:
               "repeats": args.repeats, "threads": args.threads}
     a, b = (result["presets"][p]["wall_median_s"] for p in PRESETS)
     result["wall_ratio"] = a / b
-    text = "\n".join(["# Start-up: the offline default against offline-fast on the ONNX engine", "",
+    text = "\n".join(["# Start-up: the 20-step offline preset against offline-fast (the default) on the ONNX engine", "",
                       f"Command: `reaudio bench generation --startup --repeats {args.repeats} --threads {args.threads}` "
                       f"(benchmarks/generation/startup.py), {args.repeats} interleaved fresh processes of each. "
                       f"Whole command: offline {a:.2f} s, offline-fast {b:.2f} s (median): **{a / b:.2f}x**. "
@@ -139,7 +139,7 @@ def _summary(preset: str, args, runs: list[dict], walls: list[float], imports: l
 
 def markdown(r: dict) -> str:
     met = r["overhead_median_s"] <= r["target_overhead_s"]
-    what = {"offline": "the shipped offline default: MiniLM, FAISS, two small UNets, VAE, Griffin-Lim on torch; 20 steps",
+    what = {"offline": "the 20-step offline preset: MiniLM, FAISS, two small UNets, VAE, Griffin-Lim on torch; 20 steps",
             "offline-fast": "the distilled student on the ONNX engine: the same parts as exported graphs under ONNX "
                             "Runtime and numpy, no torch; 4 steps"}.get(r.get("preset"), "the shipped offline preset")
     lines = [f"## {r.get('preset', 'offline')}", "",
