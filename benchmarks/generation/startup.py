@@ -139,9 +139,12 @@ def _summary(preset: str, args, runs: list[dict], walls: list[float], imports: l
 
 def markdown(r: dict) -> str:
     met = r["overhead_median_s"] <= r["target_overhead_s"]
-    what = {"offline": "the 20-step offline preset: MiniLM, FAISS, two small UNets, VAE, Griffin-Lim on torch; 20 steps",
+    from reaudio_core.config import compose
+    steps = compose(r.get("preset", "offline"))["generation"]["steps"]
+    what = {"offline": "the 20-step offline preset: MiniLM, FAISS, two small UNets, VAE, Griffin-Lim on torch",
             "offline-fast": "the distilled student on the ONNX engine: the same parts as exported graphs under ONNX "
-                            "Runtime and numpy, no torch; 4 steps"}.get(r.get("preset"), "the shipped offline preset")
+                            "Runtime and numpy, no torch"}.get(r.get("preset"), "the shipped offline preset")
+    what += f"; {steps} steps"
     lines = [f"## {r.get('preset', 'offline')}", "",
              f"Each run is a fresh process of `{r['command']}` ({what}; 5.12 s at 16 kHz).", "",
              "| stage (median of runs) | wall (s) |", "|---|---|"]
