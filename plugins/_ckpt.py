@@ -9,6 +9,7 @@ atomic (temporary file in the same folder, then ``os.replace``); the folder read
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -26,11 +27,9 @@ def read_weights(path: str | Path) -> dict:
         raise ReaudioError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
-        from safetensors.torch import load_file
         try:
-            state = load_file(str(path))
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
+            with safe_open(str(path), "pt") as f:  # one opening: the tensors and the metadata (a delta's base)
+                state, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
         except Exception as exc:
             raise ReaudioError(f"{path}: not a readable safetensors file ({exc}); the weights are damaged or "
                                "incomplete: re-save or re-copy them") from None
@@ -56,15 +55,6 @@ DELTA_SCALE = ".int4_scale"  #: suffix of the per-group scales stored beside a p
 GROUP = 64  #: delta values per scale
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_delta(path: str | Path, state: dict, base_file: str | Path) -> None:
     """Store ``state`` as its difference from the weights in ``base_file`` (a safetensors file beside it: the
     offline-fast student against its teacher, about a quarter of half precision's size): every floating tensor
@@ -88,7 +78,8 @@ def write_delta(path: str | Path, state: dict, base_file: str | Path) -> None:
         out[k + DELTA_SCALE] = scale
     from safetensors.torch import save_file
     rel = os.path.relpath(base_file.resolve(), path.resolve().parent)
-    meta = {"format": "pt", DELTA_OF: rel.replace(os.sep, "/"), DELTA_SHA: _sha256(base_file)}
+    meta = {"format": "pt", DELTA_OF: rel.replace(os.sep, "/"),
+            DELTA_SHA: hashlib.sha256(base_file.read_bytes()).hexdigest()}
     tensors = {k: v.contiguous() for k, v in out.items()}
     from reaudio_core.io import atomic_write
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -101,10 +92,12 @@ def _add_base(path: Path, state: dict, meta: dict) -> dict:
     if Path(ref).is_absolute() or not base_file.is_file():
         raise ReaudioError(f"{path}: stored as a difference from {ref} (relative to its folder), which is not "
                            "there; install or copy the weights with the folder they come with")
-    if _sha256(base_file) != meta.get(DELTA_SHA):
+    data = base_file.read_bytes()  # read once: checked, then parsed
+    if hashlib.sha256(data).hexdigest() != meta.get(DELTA_SHA):
         raise ReaudioError(f"{path}: stored as a difference from {base_file}, which has changed since (sha256 "
                            "differs); these weights need the base file they were written against")
-    base = read_weights(base_file)
+    from safetensors.torch import load
+    base = load(data)
     out = {}
     for k, v in state.items():
         if k.endswith(DELTA_SCALE):
@@ -114,8 +107,8 @@ def _add_base(path: Path, state: dict, meta: dict) -> dict:
             out[k] = v.float() if v.is_floating_point() else v
             continue
         b = base.get(k)
-        if b is None or v.dtype != torch.uint8 or v.shape[0] != scale.shape[0] or 2 * v.shape[1] != GROUP \
-                or v.shape[0] * GROUP < b.numel() or v.shape[0] * GROUP - b.numel() >= GROUP:
+        if b is None or v.dtype != torch.uint8 or v.shape != (-(-b.numel() // GROUP), GROUP // 2) \
+                or scale.shape[0] != v.shape[0]:
             raise ReaudioError(f"{path}: delta '{k}' does not match its scale or its base; the weights are damaged")
         q = torch.stack([v & 15, v >> 4], -1).reshape(v.shape[0], GROUP).float() - 8
         out[k] = b.float() + (q * scale.float()).reshape(-1)[:b.numel()].view(b.shape)

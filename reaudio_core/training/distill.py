@@ -243,15 +243,14 @@ class DistillStage(LdmStage):
             return self.teacher_dir / "denoiser"
         from ..loading import resolve_path
         d = resolve_path(init)
-        d = d / "denoiser" if d is not None and (d / "denoiser").is_dir() else d
-        saved = read_json(d / "config.json") if d is not None and (d / "config.json").is_file() else None
-        if saved is None:
+        d = d / "denoiser" if (d / "denoiser").is_dir() else d
+        if not (d / "config.json").is_file():
             raise ReaudioError(f"training.student_init={init}: not a saved denoiser (no config.json)")
-        first = read_json(d / "high" / "config.json") if saved.get("high") and (d / "high" / "config.json").is_file() else saved
-        teacher = read_json(self.teacher_dir / "denoiser" / "config.json")
-        if first.get("guidance_embedding") != cfg["training"]["guidance_embedding"] or \
-                {k: v for k, v in saved.items() if k not in ("guidance_embedding", "checkpoint")} != \
-                {k: v for k, v in teacher.items() if k not in ("guidance_embedding", "checkpoint")}:
+        saved, teacher = read_json(d / "config.json"), read_json(self.teacher_dir / "denoiser" / "config.json")
+        parts = [read_json(d / e / "config.json") for e in ("high", "low")] if "high" in saved else [saved]
+        same = {k: v for k, v in saved.items() if k not in ("guidance_embedding", "checkpoint")} == \
+            {k: v for k, v in teacher.items() if k not in ("guidance_embedding", "checkpoint")}
+        if not same or any(p.get("guidance_embedding") != cfg["training"]["guidance_embedding"] for p in parts):
             raise ReaudioError(f"training.student_init={init}: not a student of this teacher's denoiser with "
                                f"guidance_embedding {cfg['training']['guidance_embedding']} (its config.json differs)")
         return d
